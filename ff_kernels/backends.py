@@ -1,0 +1,54 @@
+"""Which backends exist, which are usable for a device, and what ``backend="auto"`` picks.
+
+An unavailable backend is always an error that says why; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ff_kernels._options import BACKENDS, check_choice
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on ``device``; otherwise the reason, for the error message."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels run on CUDA tensors (or on the CPU with TRITON_INTERPRET=1); the tensors are on {device}"
+
+
+def triton_ops_available() -> bool:
+    """Whether this build ships the Triton op module (added by the fused-kernel work)."""
+    return importlib.util.find_spec("ff_kernels.ops.triton_step") is not None
+
+
+def cuda_unavailable_reason(device: torch.device) -> str:
+    return (
+        "the C++/CUDA extension ff_kernels._C is not built; build it with `pip install -e .` on a machine with a "
+        "C++ compiler (and nvcc for CUDA)"
+    )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``; raises RuntimeError naming the reason if unusable."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        if device.type == "cuda" and triton_unavailable_reason(device) is None and triton_ops_available():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is None and not triton_ops_available():
+            reason = "this build of ff_kernels has no Triton kernels"
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' is unavailable: {reason}")
+    if backend == "cuda":
+        raise RuntimeError(f"backend='cuda' is unavailable: {cuda_unavailable_reason(device)}")
+    return backend

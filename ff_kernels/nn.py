@@ -1,0 +1,115 @@
+"""``FFLinear``: an FF layer as an ``nn.Module``, so porting an existing FF loop is a few-line change."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ff_kernels._options import GOODNESS, LOSSES, NORMALIZE, check_choice
+from ff_kernels.functional import ff_linear_forward, ff_linear_step
+from ff_kernels.optim import FusedOptimizer
+from ff_kernels.types import FFStepOutput
+
+
+class FFLinear(nn.Module):
+    """A linear + ReLU layer trained by its own FF loss.
+
+    ``layer(x)`` returns the activations h (the next layer's input; no gradient flows, FF trains layer-locally),
+    ``layer.goodness(x)`` the goodness, and ``layer.train_step(x_pos, x_neg, optimizer)`` one fused step.
+    Parameters are initialised as ``nn.Linear``'s.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        threshold: float = 2.0,
+        goodness: str = "mean",
+        loss: str = "logistic",
+        normalize: str = "l2",
+        eps: float = 1e-4,
+        alpha: float = 4.0,
+        backend: str = "auto",
+        compute_dtype: torch.dtype | None = None,
+        check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive; got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.threshold, self.eps, self.alpha = threshold, eps, alpha
+        self.goodness_kind = check_choice("goodness", goodness, GOODNESS)
+        self.loss = check_choice("loss", loss, LOSSES)
+        self.normalize = check_choice("normalize", normalize, NORMALIZE)
+        self.backend, self.compute_dtype, self.check_finite = backend, compute_dtype, check_finite
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward_with_goodness(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h and its goodness from one pass (GEMM 1 alone)."""
+        return ff_linear_forward(
+            x,
+            self.weight,
+            self.bias,
+            goodness=self.goodness_kind,
+            normalize=self.normalize,
+            eps=self.eps,
+            backend=self.backend,
+            compute_dtype=self.compute_dtype,
+            check_finite=self.check_finite,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_goodness(x)[0]
+
+    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_goodness(x)[1]
+
+    def train_step(
+        self,
+        x_pos: torch.Tensor,
+        x_neg: torch.Tensor,
+        optimizer: FusedOptimizer | None = None,
+        *,
+        offset_pos: torch.Tensor | None = None,
+        offset_neg: torch.Tensor | None = None,
+    ) -> FFStepOutput:
+        """One fused step with this layer's options; with ``optimizer=None`` it returns gradients only."""
+        return ff_linear_step(
+            x_pos,
+            x_neg,
+            self.weight,
+            self.bias,
+            threshold=self.threshold,
+            goodness=self.goodness_kind,
+            loss=self.loss,
+            normalize=self.normalize,
+            eps=self.eps,
+            alpha=self.alpha,
+            offset_pos=offset_pos,
+            offset_neg=offset_neg,
+            optimizer=optimizer,
+            backend=self.backend,
+            compute_dtype=self.compute_dtype,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}, goodness={self.goodness_kind!r}, loss={self.loss!r}, "
+            f"normalize={self.normalize!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,24 @@
+"""The output record of one layer step."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class FFStepOutput(NamedTuple):
+    """What one FF layer step returns (DESIGN 1.8).
+
+    ``goodness_*`` exclude the offsets; ``h_*`` are computed with the weights from before this step's update and
+    are the next layer's input. ``grad_weight``/``grad_bias`` are returned only when no optimizer is given: with
+    one, the update is applied in place and the gradients are never materialised by the fused paths.
+    """
+
+    loss: torch.Tensor
+    goodness_pos: torch.Tensor
+    goodness_neg: torch.Tensor
+    h_pos: torch.Tensor
+    h_neg: torch.Tensor
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
