@@ -6,8 +6,8 @@
 
 from ff_kernels import data, optim
 from ff_kernels.functional import ff_linear_forward, ff_linear_step
-from ff_kernels.nn import FFLinear
 from ff_kernels.net import FFNet
+from ff_kernels.nn import FFLinear
 from ff_kernels.types import FFStepOutput
 
 __version__ = "0.1.0"

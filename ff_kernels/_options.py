@@ -6,6 +6,7 @@ below it trust their inputs. Messages always name the offending argument.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,13 @@ def check_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise ValueError("bias must be contiguous (the fused update writes it in place); call .contiguous()")
 
 
-def check_input(name: str, x: torch.Tensor, weight: torch.Tensor, check_finite: bool) -> torch.Tensor:
-    """Check one input batch against the weight; returns it contiguous (a copy only if it was not)."""
+def check_input(
+    name: str, x: torch.Tensor, weight: torch.Tensor, check_finite: bool, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Check one input batch against the weight; returns it contiguous (a copy only if it was not).
+
+    x must share the weight's dtype, or be in ``compute_dtype`` (a previous layer's bf16 output, say).
+    """
     _check_float_tensor(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape (batch, in_features); got {tuple(x.shape)}")
@@ -84,7 +90,7 @@ def check_input(name: str, x: torch.Tensor, weight: torch.Tensor, check_finite: 
         raise ValueError(
             f"{name} has {x.shape[1]} features but weight expects in_features={weight.shape[1]}"
         )
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and x.dtype != compute_dtype:
         raise TypeError(f"{name} dtype {x.dtype} differs from weight dtype {weight.dtype}; cast one of them")
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but weight is on {weight.device}")
@@ -120,7 +126,7 @@ def check_step_options(
     check_choice("loss", loss, LOSSES)
     check_choice("normalize", normalize, NORMALIZE)
     for name, value in (("threshold", threshold), ("eps", eps), ("alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number; got {value!r}")
     if eps <= 0 and normalize != "none":
         raise ValueError(f"eps must be positive; got {eps!r}")

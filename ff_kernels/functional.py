@@ -2,7 +2,8 @@
 
 This is the boundary: arguments are checked here once, the backend is resolved, and the backend function runs
 on trusted inputs. Everything runs under ``torch.no_grad``: parameters may be ``nn.Parameter``s and are updated
-in place, and no autograd graph is recorded. Backends return gradients; where they cannot fuse the update, it is applied here.
+in place, and no autograd graph is recorded. Backends return gradients; where they cannot fuse the update, it is
+applied here.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def ff_linear_step(
         FFStepOutput; ``grad_weight``/``grad_bias`` are None when an optimizer applied the update.
     """
     opt_checks.check_weight_bias(weight, bias)
-    x_pos = opt_checks.check_input("x_pos", x_pos, weight, check_finite)
-    x_neg = opt_checks.check_input("x_neg", x_neg, weight, check_finite)
+    compute = opt_checks.check_compute_dtype(compute_dtype, weight)
+    x_pos = opt_checks.check_input("x_pos", x_pos, weight, check_finite, compute)
+    x_neg = opt_checks.check_input("x_neg", x_neg, weight, check_finite, compute)
+    if x_pos.dtype != x_neg.dtype:
+        raise TypeError(f"x_pos dtype {x_pos.dtype} differs from x_neg dtype {x_neg.dtype}")
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     opts = opt_checks.check_step_options(
         threshold=threshold,
@@ -84,7 +88,6 @@ def ff_linear_step(
         optimizer.check_holds("weight", weight)
         if bias is not None:
             optimizer.check_holds("bias", bias)
-    compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     backend = resolve_backend(backend, weight.device)
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
@@ -116,11 +119,11 @@ def ff_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference (GEMM 1 alone): h = relu(r * (x @ W^T) + b) and goodness g (float32), DESIGN 1.1-1.3."""
     opt_checks.check_weight_bias(weight, bias)
-    x = opt_checks.check_input("x", x, weight, check_finite)
+    compute = opt_checks.check_compute_dtype(compute_dtype, weight)
+    x = opt_checks.check_input("x", x, weight, check_finite, compute)
     opt_checks.check_choice("goodness", goodness, opt_checks.GOODNESS)
     opt_checks.check_choice("normalize", normalize, opt_checks.NORMALIZE)
     kappa = opt_checks.goodness_scale(goodness, weight.shape[0])
-    compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     backend = resolve_backend(backend, weight.device)
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")

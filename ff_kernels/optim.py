@@ -67,7 +67,8 @@ class FusedOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["state"]) != len(self.params):
             raise ValueError(
-                f"state_dict holds state for {len(state_dict['state'])} parameters; this optimizer has {len(self.params)}"
+                f"state_dict holds state for {len(state_dict['state'])} parameters; "
+                f"this optimizer has {len(self.params)}"
             )
         self.defaults = dict(state_dict["defaults"])
         for key, value in self.defaults.items():

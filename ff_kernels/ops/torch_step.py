@@ -57,7 +57,7 @@ def loss_and_coefficient(
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-row step: the loss (0-dim, float32 or wider) and c_i = 2 kappa dL/dg_i for the stacked rows (DESIGN 1.5-1.6)."""
+    """The per-row step (DESIGN 1.5-1.6): the loss (0-dim, float32 or wider) and c_i = 2 kappa dL/dg_i per row."""
     total_pos = g_pos if offset_pos is None else g_pos + offset_pos
     total_neg = g_neg if offset_neg is None else g_neg + offset_neg
     if opts.loss == "symba":
