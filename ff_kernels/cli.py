@@ -43,6 +43,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--goodness", default="mean", choices=("mean", "sum"))
     parser.add_argument("--loss", default="logistic", choices=("logistic", "symba"))
     parser.add_argument("--alpha", type=float, default=4.0, help="SymBa's scale")
+    parser.add_argument("--collab", default="none", choices=("none", "all", "previous"),
+                        help="Layer Collaboration: offset each layer's goodness by the other layers' (detached)")
     parser.add_argument("--normalize", default="l2", choices=("l2", "rms", "none"))
     parser.add_argument("--overlay", default="auto", choices=("auto", "replace", "append"),
                         help="auto: append the label for inputs under 100 features, else replace the first pixels")
@@ -73,6 +75,7 @@ def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, flo
         goodness=args.goodness,
         loss=args.loss,
         alpha=args.alpha,
+        collab=None if args.collab == "none" else args.collab,
         normalize=args.normalize,
         optimizer=args.optimizer,
         lr=args.lr,
@@ -112,7 +115,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
         f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}, {args.schedule}, "
-        f"{args.epochs} epochs, batch {args.batch_size or 'full'}, backend {args.backend}, device {args.device}"
+        f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, collab {args.collab}, "
+        f"backend {args.backend}, device {args.device}"
     )
     result = train_once(args, dataset, args.backend)
     memory_kind = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak resident memory"

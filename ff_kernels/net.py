@@ -15,10 +15,12 @@ from torch import nn
 from ff_kernels._options import check_choice
 from ff_kernels.nn import FFLinear
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
+from ff_kernels.types import FFStepOutput
 
 OVERLAYS = ("replace", "append")
 NEGATIVES = ("wrong", "shuffle")
 SCHEDULES = ("greedy", "simultaneous")
+COLLABS = ("all", "previous")
 
 
 class FFNet(nn.Module):
@@ -34,6 +36,10 @@ class FFNet(nn.Module):
 
     Each layer has its own optimizer (``optimizer`` in "adam", "adamw", "sgd", with ``lr`` and
     ``optimizer_options``) and its own FF loss; no gradient crosses layers.
+
+    ``collab`` is Layer Collaboration (Lorberbom et al., AAAI 2024): layer i's logit adds, as a constant offset,
+    the goodness of every other layer (``"all"``) or of the earlier layers (``"previous"``) on the same rows.
+    ``loss="symba"`` pairs each positive with its own negative (the same sample with a wrong label).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class FFNet(nn.Module):
         lr: float = 0.03,
         optimizer_options: dict[str, Any] | None = None,
         predict_skip_first: bool = False,
+        collab: str | None = None,
         backend: str = "auto",
         compute_dtype: torch.dtype | None = None,
         seed: int | None = None,
@@ -66,6 +73,9 @@ class FFNet(nn.Module):
             raise ValueError(f"num_classes must be at least 2; got {num_classes}")
         self.overlay = check_choice("overlay", overlay, OVERLAYS)
         self.negatives = check_choice("negatives", negatives, NEGATIVES)
+        if collab is not None:
+            check_choice("collab", collab, COLLABS)
+        self.collab = collab
         check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
         if overlay == "replace" and dims[0] < num_classes:
             raise ValueError(
@@ -89,6 +99,7 @@ class FFNet(nn.Module):
             lr=lr,
             optimizer_options=dict(optimizer_options or {}),
             predict_skip_first=predict_skip_first,
+            collab=collab,
             backend=backend,
             compute_dtype=compute_dtype,
             seed=seed,
@@ -201,17 +212,22 @@ class FFNet(nn.Module):
         if schedule == "greedy":
             h_pos = self.overlay_labels(x, y)
             h_neg = self.overlay_labels(x, self.negative_labels(y))
+            prior_pos = prior_neg = None
             for i, layer in enumerate(self.layers):
                 for _ in range(epochs):
-                    losses = [
-                        layer.train_step(h_pos[rows], h_neg[rows], self.optimizers[i]).loss
-                        for rows in self._batches(x.shape[0], batch_size)
-                    ]
+                    losses = []
+                    for rows in self._batches(x.shape[0], batch_size):
+                        priors = (None, None) if prior_pos is None else (prior_pos[rows], prior_neg[rows])
+                        losses.append(self.step_layer(i, h_pos[rows], h_neg[rows], *priors).loss)
                     history[i].append(float(torch.stack(losses).mean()))
                     bar.update()
                 bar.set_postfix(layer=i + 1, loss=f"{history[i][-1]:.4f}")
                 if i + 1 < len(self.layers):
-                    h_pos, h_neg = layer(h_pos), layer(h_neg)
+                    h_pos, g_pos = layer.forward_with_goodness(h_pos)
+                    h_neg, g_neg = layer.forward_with_goodness(h_neg)
+                    if self.collab is not None:
+                        prior_pos = g_pos if prior_pos is None else prior_pos + g_pos
+                        prior_neg = g_neg if prior_neg is None else prior_neg + g_neg
         else:
             for _ in range(epochs):
                 x_pos = self.overlay_labels(x, y)
@@ -219,17 +235,72 @@ class FFNet(nn.Module):
                 sums = [torch.zeros((), device=self.device) for _ in self.layers]
                 batches = self._batches(x.shape[0], batch_size)
                 for rows in batches:
-                    h_pos, h_neg = x_pos[rows], x_neg[rows]
-                    for i, layer in enumerate(self.layers):
-                        out = layer.train_step(h_pos, h_neg, self.optimizers[i])
+                    for i, out in enumerate(self.step_all(x_pos[rows], x_neg[rows])):
                         sums[i] += out.loss
-                        h_pos, h_neg = out.h_pos, out.h_neg
                 for i in range(len(self.layers)):
                     history[i].append(float(sums[i]) / len(batches))
                 bar.update()
                 bar.set_postfix(loss=f"{history[-1][-1]:.4f}")
         bar.close()
         return history
+
+    def layer_goodness(self, h: torch.Tensor, first: int = 0) -> list[torch.Tensor]:
+        """The goodness of layers ``first``, ``first``+1, ... for ``h``, the input of layer ``first``."""
+        goodness = []
+        for layer in self.layers[first:]:
+            h, g = layer.forward_with_goodness(h)
+            goodness.append(g)
+        return goodness
+
+    def step_layer(
+        self,
+        i: int,
+        h_pos: torch.Tensor,
+        h_neg: torch.Tensor,
+        prior_pos: torch.Tensor | None = None,
+        prior_neg: torch.Tensor | None = None,
+    ) -> FFStepOutput:
+        """Greedy schedule: layer ``i`` steps on its inputs (the fixed earlier layers' activations).
+
+        With collaboration its goodness offset is ``prior_*`` (the earlier layers' goodness on these rows, fixed
+        while layer i trains) plus, for ``collab="all"``, the later layers' goodness, computed by forwarding this
+        layer and the later ones on the batch.
+        """
+        offset_pos, offset_neg = prior_pos, prior_neg
+        if self.collab == "all" and i + 1 < len(self.layers):
+            later_pos = torch.stack(self.layer_goodness(h_pos, i)[1:]).sum(0)
+            later_neg = torch.stack(self.layer_goodness(h_neg, i)[1:]).sum(0)
+            offset_pos = later_pos if offset_pos is None else offset_pos + later_pos
+            offset_neg = later_neg if offset_neg is None else offset_neg + later_neg
+        return self.layers[i].train_step(
+            h_pos, h_neg, self.optimizers[i], offset_pos=offset_pos, offset_neg=offset_neg
+        )
+
+    def step_all(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> list[FFStepOutput]:
+        """Simultaneous schedule: every layer steps once on this batch of overlaid inputs.
+
+        Layer i is fed layer i-1's activations from its step (computed with its pre-update weights, as one
+        forward pass of the network would). Collaboration offsets: ``"previous"`` sums the goodness that the
+        earlier layers' steps returned; ``"all"`` also needs the later layers' goodness, so one forward pass with
+        goodness over all layers runs first.
+        """
+        if self.collab == "all":
+            goodness_pos, goodness_neg = self.layer_goodness(x_pos), self.layer_goodness(x_neg)
+            total_pos, total_neg = torch.stack(goodness_pos).sum(0), torch.stack(goodness_neg).sum(0)
+        prior_pos = prior_neg = None
+        h_pos, h_neg = x_pos, x_neg
+        outs = []
+        for i, layer in enumerate(self.layers):
+            offset_pos, offset_neg = prior_pos, prior_neg
+            if self.collab == "all":
+                offset_pos, offset_neg = total_pos - goodness_pos[i], total_neg - goodness_neg[i]
+            out = layer.train_step(h_pos, h_neg, self.optimizers[i], offset_pos=offset_pos, offset_neg=offset_neg)
+            if self.collab == "previous":
+                prior_pos = out.goodness_pos if prior_pos is None else prior_pos + out.goodness_pos
+                prior_neg = out.goodness_neg if prior_neg is None else prior_neg + out.goodness_neg
+            h_pos, h_neg = out.h_pos, out.h_neg
+            outs.append(out)
+        return outs
 
     @torch.no_grad()
     def label_goodness(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
