@@ -99,17 +99,32 @@ def check_input(
     return x.contiguous()
 
 
-def check_offset(name: str, offset: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:
-    """Offsets are per-row goodness terms, always float32 (they are goodness, not activations)."""
+def check_offset(
+    name: str, offset: torch.Tensor | None, rows: int, weight: torch.Tensor, check_finite: bool
+) -> torch.Tensor | None:
+    """Offsets are per-row goodness terms: float32 (float64 with float64 weights), like the goodness itself."""
     if offset is None:
         return None
     _check_float_tensor(name, offset)
     if offset.shape != (rows,):
         raise ValueError(f"{name} must have shape ({rows},), one value per row; got {tuple(offset.shape)}")
-    if offset.device != device:
-        raise ValueError(f"{name} is on {offset.device} but the inputs are on {device}")
-    _check_finite(name, offset)
-    return offset.detach().to(torch.float32).contiguous()
+    if offset.device != weight.device:
+        raise ValueError(f"{name} is on {offset.device} but the inputs are on {weight.device}")
+    if check_finite:
+        _check_finite(name, offset)
+    return offset.detach().to(torch.promote_types(weight.dtype, torch.float32)).contiguous()
+
+
+def check_finite_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+
+def check_normalize(normalize: str, eps: float) -> None:
+    check_choice("normalize", normalize, NORMALIZE)
+    check_finite_number("eps", eps)
+    if eps <= 0 and normalize != "none":
+        raise ValueError(f"eps must be positive; got {eps!r}")
 
 
 def check_step_options(
@@ -124,12 +139,9 @@ def check_step_options(
 ) -> StepOptions:
     check_choice("goodness", goodness, GOODNESS)
     check_choice("loss", loss, LOSSES)
-    check_choice("normalize", normalize, NORMALIZE)
-    for name, value in (("threshold", threshold), ("eps", eps), ("alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number; got {value!r}")
-    if eps <= 0 and normalize != "none":
-        raise ValueError(f"eps must be positive; got {eps!r}")
+    check_normalize(normalize, eps)
+    for name, value in (("threshold", threshold), ("alpha", alpha)):
+        check_finite_number(name, value)
     return StepOptions(
         threshold=float(threshold),
         goodness=goodness,

@@ -78,8 +78,8 @@ def ff_linear_step(
             raise ValueError("loss='symba' needs at least one pair: x_pos and x_neg are empty")
     elif rows_pos + rows_neg == 0:
         raise ValueError("x_pos and x_neg are both empty: the loss over zero rows is undefined")
-    offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight.device)
-    offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight.device)
+    offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight, check_finite)
+    offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight, check_finite)
     if optimizer is not None:
         if not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
@@ -92,10 +92,16 @@ def ff_linear_step(
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
 
+    if backend == "triton":
+        from ff_kernels.ops.triton_step import ff_linear_step_triton
+
+        return ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
     if backend == "reference":
         out = ff_linear_step_ref(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg)
-    else:
+    elif backend == "torch":
         out = ff_linear_step_torch(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, compute_dtype=compute)
+    else:
+        raise AssertionError(f"resolve_backend returned an unknown backend {backend!r}")
     if optimizer is None:
         return out
     params = [weight] if bias is None else [weight, bias]
@@ -122,12 +128,18 @@ def ff_linear_forward(
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     x = opt_checks.check_input("x", x, weight, check_finite, compute)
     opt_checks.check_choice("goodness", goodness, opt_checks.GOODNESS)
-    opt_checks.check_choice("normalize", normalize, opt_checks.NORMALIZE)
+    opt_checks.check_normalize(normalize, eps)
     kappa = opt_checks.goodness_scale(goodness, weight.shape[0])
     backend = resolve_backend(backend, weight.device)
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
+    if backend == "triton":
+        from ff_kernels.ops.triton_step import ff_linear_forward_triton
+
+        return ff_linear_forward_triton(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
     if backend == "reference":
         h, g = ff_linear_forward_ref(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
         return h, g.to(torch.promote_types(g.dtype, torch.float32))
+    if backend != "torch":
+        raise AssertionError(f"resolve_backend returned an unknown backend {backend!r}")
     return ff_linear_forward_torch(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps, compute_dtype=compute)
