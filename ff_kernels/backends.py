@@ -29,11 +29,11 @@ def triton_ops_available() -> bool:
     return importlib.util.find_spec("ff_kernels.ops.triton_step") is not None
 
 
-def cuda_unavailable_reason(device: torch.device) -> str:
-    return (
-        "the C++/CUDA extension ff_kernels._C is not built; build it with `pip install -e .` on a machine with a "
-        "C++ compiler (and nvcc for CUDA)"
-    )
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    """None when the C++/CUDA extension can run on ``device``; otherwise the reason and how to build it."""
+    from ff_kernels.ops.cuda_step import extension_unavailable_reason
+
+    return extension_unavailable_reason(device)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,5 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"backend='triton' is unavailable: {reason}")
     if backend == "cuda":
-        raise RuntimeError(f"backend='cuda' is unavailable: {cuda_unavailable_reason(device)}")
+        reason = cuda_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
     return backend

@@ -12,6 +12,7 @@ import torch
 
 from ff_kernels import _options as opt_checks
 from ff_kernels.backends import resolve_backend
+from ff_kernels.ops.cuda_step import ff_linear_forward_cuda, ff_linear_step_cuda
 from ff_kernels.ops.torch_step import ff_linear_forward_torch, ff_linear_step_torch
 from ff_kernels.optim import FusedOptimizer
 from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref
@@ -96,6 +97,8 @@ def ff_linear_step(
         from ff_kernels.ops.triton_step import ff_linear_step_triton
 
         return ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
+    if backend == "cuda":
+        return ff_linear_step_cuda(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
     if backend == "reference":
         out = ff_linear_step_ref(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg)
     elif backend == "torch":
@@ -137,6 +140,8 @@ def ff_linear_forward(
         from ff_kernels.ops.triton_step import ff_linear_forward_triton
 
         return ff_linear_forward_triton(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
+    if backend == "cuda":
+        return ff_linear_forward_cuda(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
     if backend == "reference":
         h, g = ff_linear_forward_ref(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
         return h, g.to(torch.promote_types(g.dtype, torch.float32))

@@ -16,8 +16,11 @@ else
   torch_req="${FF_KERNELS_TORCH:-torch==2.13.0}"
 fi
 pip install --quiet --disable-pip-version-check "$torch_req"
+# The C++/CUDA extension (ff_kernels._C) is compiled against the torch installed above, so the project is built
+# without build isolation; these are the build requirements that pip would otherwise have installed.
+pip install --quiet --disable-pip-version-check "setuptools>=64" wheel ninja
 if [ -n "$extras" ]; then
-  pip install --quiet --disable-pip-version-check -e ".[$extras]"
+  pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[$extras]"
 else
-  pip install --quiet --disable-pip-version-check -e .
+  pip install --quiet --disable-pip-version-check --no-build-isolation -e .
 fi

@@ -293,8 +293,15 @@ def test_eps_must_be_positive(eps) -> None:
 # backends
 
 
-def test_cuda_backend_unavailable() -> None:
-    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: .*not built.*pip install -e \."):
+def test_cuda_backend_unavailable(monkeypatch) -> None:
+    """Where ff_kernels._C was not built, backend='cuda' says so and how to build it."""
+    from ff_kernels.ops import cuda_step
+
+    monkeypatch.setattr(cuda_step, "_reason", "the C++/CUDA extension ff_kernels._C is not built (test); "
+                        + cuda_step._BUILD_HINT)
+    monkeypatch.setattr(cuda_step, "_jit_tried", True)
+    monkeypatch.setattr(cuda_step, "_ready", set())
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: .*not built.*pip install .*-e \."):
         step(backend="cuda")
     with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
         forward(backend="cuda")

@@ -1,0 +1,269 @@
+"""The C++/CUDA extension backend (``backend="cuda"``): the ``torch.ops.ff_kernels_ext`` operators.
+
+The operators (schemas in ``csrc/ops.cpp``) have two implementations: a C++ CPU one, the closed-form step of
+``ops/torch_step.py`` through ATen, and the CUDA kernels of ``csrc/cuda`` (three launches: GEMM 1 with the
+row-norm/bias/ReLU/sum-of-squares epilogue, the per-row loss and coefficient, GEMM 2 with the optimizer update
+fused into its epilogue). The backend therefore serves CPU tensors everywhere the extension is built, and CUDA
+tensors where it was built with nvcc.
+
+Loading, on first use:
+
+1. ``ff_kernels._C``, built by ``pip install --no-build-isolation -e .`` (see setup.py);
+2. else, only when ``FF_KERNELS_JIT=1``, a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension.load``
+   (ninja; cached under ``TORCH_EXTENSIONS_DIR``; needs a source checkout; CUDA kernels too where torch has CUDA
+   and nvcc is found, unless ``FF_KERNELS_BUILD_CUDA=0``). It is opt-in because compiling takes minutes.
+
+Otherwise the backend is unavailable and :func:`extension_unavailable_reason` says why and how to build it;
+importing ``ff_kernels`` never fails for want of the extension.
+
+Precision: fp32 inputs use the exact fp32 (CUDA-core) kernels unless PyTorch's TF32 matmul switch is on
+(``torch.backends.cuda.matmul.allow_tf32`` or ``fp32_precision = "tf32"``), then TF32 tensor cores; bf16/fp16
+use tensor cores. Accumulation, goodness, loss and optimizer state are fp32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from ff_kernels._options import StepOptions
+from ff_kernels.optim import SGD, Adam, FusedOptimizer
+from ff_kernels.types import FFStepOutput
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler, and nvcc with a CUDA build of "
+    "torch for the CUDA kernels), or set FF_KERNELS_JIT=1 to compile it on first use"
+)
+
+
+def _jit_build() -> None:
+    """Compiles ``csrc/`` with torch's JIT extension loader and loads it (registering the operators)."""
+    from torch.utils import cpp_extension
+
+    if not (_CSRC / "ops.cpp").is_file():
+        raise RuntimeError(f"no C++ sources at {_CSRC}: JIT builds need a source checkout")
+    sources = [_CSRC / "ops.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("FF_KERNELS_BUILD_CUDA") != "0"
+    )
+    if with_cuda:
+        sources += [*sorted((_CSRC / "cuda").glob("*.cpp")), *sorted((_CSRC / "cuda").glob("*.cu"))]
+    cpp_extension.load(
+        name="ff_kernels_ext_cuda" if with_cuda else "ff_kernels_ext_cpu",
+        sources=[str(s) for s in sources],
+        extra_cflags=["-O3", f"-DFF_KERNELS_WITH_CUDA={int(with_cuda)}"],
+        extra_cuda_cflags=["-O3"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("FF_KERNELS_JIT_VERBOSE") == "1",
+    )
+
+
+def _load_built() -> str | None:
+    """Imports ff_kernels._C (registering the operators): None on success, else why not."""
+    try:
+        importlib.import_module("ff_kernels._C")
+    except ImportError as error:
+        return f"the C++/CUDA extension ff_kernels._C is not built ({error}); {_BUILD_HINT}"
+    return None
+
+
+# Loading the built library at import costs a dlopen; doing it here, not on first use, keeps the checks below plain
+# reads of module state, which torch.compile traces without graph breaks.
+_reason: str | None = _load_built()
+_jit_tried = False
+
+
+def _load() -> str | None:
+    """None when the operators are registered, else why not; tries the JIT build once if FF_KERNELS_JIT=1."""
+    global _reason, _jit_tried
+    if _reason is not None and not _jit_tried and os.environ.get("FF_KERNELS_JIT") == "1":
+        _jit_tried = True
+        try:
+            _jit_build()
+        except Exception as error:  # a compiler error, a missing ninja, ...: report it as the reason
+            _reason = f"ff_kernels._C is not built and its JIT build (FF_KERNELS_JIT=1) failed: {error}"
+        else:
+            _reason = None
+            _on_loaded()
+    return _reason
+
+
+def extension_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """None when the extension is usable (for tensors on ``device``, if given); otherwise the reason and the fix."""
+    reason = _load()
+    if reason is not None or device is None:
+        return reason
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"the extension runs on CPU and CUDA tensors; the tensors are on {device}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available (no GPU, or a CPU-only build of torch)"
+    if not _with_cuda:
+        return (
+            "ff_kernels._C was built without its CUDA kernels (torch without CUDA, or nvcc not found, at build "
+            f"time); {_BUILD_HINT}"
+        )
+    return None
+
+
+_ready: set[str] = set()  # device types that passed the check
+
+
+def _require(device: torch.device) -> None:
+    if device.type in _ready:
+        return
+    reason = extension_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
+    _ready.add(device.type)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) implementations, so that torch.compile and FakeTensor tracing see the operators' output shapes.
+# ---------------------------------------------------------------------------------------------------------------
+def _step_outputs(x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    rows = x_pos.shape[0] + x_neg.shape[0]
+    acc = torch.promote_types(w.dtype, torch.float32)
+    return (
+        x_pos.new_empty((), dtype=acc),
+        x_pos.new_empty((rows,), dtype=acc),
+        x_pos.new_empty((rows, w.shape[0])),
+    )
+
+
+def _on_loaded() -> None:
+    """Runs once the operators are registered: records the build's CUDA support and registers the fakes."""
+    global _with_cuda
+    _with_cuda = bool(torch.ops.ff_kernels_ext.with_cuda())
+    register = torch.library.register_fake
+
+    @register("ff_kernels_ext::forward")
+    def _(x, w, b, kappa, normalize, eps, allow_tf32):
+        acc = torch.promote_types(w.dtype, torch.float32)
+        return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0],), dtype=acc)
+
+    @register("ff_kernels_ext::step")
+    def _(x_pos, x_neg, w, b, *args):
+        grad_b = w.new_empty((0,)) if b is None else torch.empty_like(b)
+        return (*_step_outputs(x_pos, x_neg, w), torch.empty_like(w), grad_b)
+
+    @register("ff_kernels_ext::step_sgd_")
+    def _(x_pos, x_neg, w, b, *args):
+        return _step_outputs(x_pos, x_neg, w)
+
+    @register("ff_kernels_ext::step_adam_")
+    def _(x_pos, x_neg, w, b, *args):
+        return _step_outputs(x_pos, x_neg, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The functions ff_kernels.functional calls (inputs already checked there).
+# ---------------------------------------------------------------------------------------------------------------
+def _tf32_allowed(t: torch.Tensor) -> bool:
+    """TF32 tensor cores for fp32 CUDA tensors only when PyTorch's matmul switch allows them. ``fp32_precision``
+    reflects both APIs (reading the legacy ``allow_tf32`` raises once the new one has been used)."""
+    if t.dtype != torch.float32 or t.device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def _state(state: dict, key: str, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``state[key]``, created as zeros when absent, in the optimizer's master dtype (fp32, or fp64 for fp64
+    parameters, as ff_kernels.optim); returns (tensor, created)."""
+    buf = state.get(key)
+    if buf is not None:
+        return buf, False
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    buf = torch.zeros(param.shape, dtype=dtype, device=param.device)
+    state[key] = buf
+    return buf, True
+
+
+def ff_linear_step_cuda(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None = None,
+    offset_neg: torch.Tensor | None = None,
+    optimizer: FusedOptimizer | None = None,
+) -> FFStepOutput:
+    """One FF layer step through the extension; with an optimizer, the update is applied in place (on CUDA in the
+    GEMM 2 epilogue) and the gradients are not returned."""
+    _require(w.device)
+    ops = torch.ops.ff_kernels_ext
+    rows_pos = x_pos.shape[0]
+    step_args = (
+        offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize, opts.eps, opts.alpha,
+        _tf32_allowed(w),
+    )
+    grad_w = grad_b = None
+    if optimizer is None:
+        loss, g, h, grad_w, gb = ops.step(x_pos, x_neg, w, b, *step_args)
+        grad_b = None if b is None else gb
+    else:
+        params = (w,) if b is None else (w, b)
+        states = [optimizer.check_holds(name, p) for name, p in zip(("weight", "bias"), params)]
+        if isinstance(optimizer, SGD):
+            bufs, firsts = [None, None], [False, False]
+            if optimizer.momentum:
+                for i, (s, p) in enumerate(zip(states, params)):
+                    bufs[i], firsts[i] = _state(s, "momentum_buffer", p)
+            loss, g, h = ops.step_sgd_(
+                x_pos, x_neg, w, b, *step_args, bufs[0], bufs[1], float(optimizer.lr), float(optimizer.momentum),
+                float(optimizer.dampening), float(optimizer.weight_decay), bool(optimizer.nesterov),
+                firsts[0], firsts[1],
+            )
+        elif isinstance(optimizer, Adam):
+            moments: list[torch.Tensor | None] = [None, None, None, None]
+            corrections = [0.0, 1.0, 0.0, 1.0]
+            for i, (s, p) in enumerate(zip(states, params)):
+                s.setdefault("step", 0)
+                moments[2 * i] = _state(s, "exp_avg", p)[0]
+                moments[2 * i + 1] = _state(s, "exp_avg_sq", p)[0]
+                s["step"] += 1
+                corrections[2 * i : 2 * i + 2] = optimizer.bias_corrections(s["step"])
+            beta1, beta2 = optimizer.betas
+            loss, g, h = ops.step_adam_(
+                x_pos, x_neg, w, b, *step_args, *moments, float(optimizer.lr), float(beta1), float(beta2),
+                float(optimizer.eps), float(optimizer.weight_decay), bool(optimizer.decoupled_weight_decay),
+                *corrections,
+            )
+        else:
+            raise TypeError(f"the cuda backend has no fused update for {type(optimizer).__name__}")
+    return FFStepOutput(
+        loss=loss,
+        goodness_pos=g[:rows_pos],
+        goodness_neg=g[rows_pos:],
+        h_pos=h[:rows_pos],
+        h_neg=h[rows_pos:],
+        grad_weight=grad_w,
+        grad_bias=grad_b,
+    )
+
+
+def ff_linear_forward_cuda(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, kappa: float, normalize: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference, GEMM 1 alone: h (x's dtype) and goodness g (fp32), DESIGN 1.1-1.3."""
+    _require(w.device)
+    return torch.ops.ff_kernels_ext.forward(x, w, b, kappa, normalize, eps, _tf32_allowed(w))
+
+
+_with_cuda = False
+if _reason is None:
+    _on_loaded()

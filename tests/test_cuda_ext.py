@@ -1,0 +1,376 @@
+"""The C++/CUDA extension (``backend="cuda"``) against the reference (DESIGN 1).
+
+The CPU op mirrors the closed-form torch backend through ATen, so it is checked three ways: in float64 against
+the autograd reference for every option combination (tight), bitwise against ``ff_linear_step_torch`` in float32
+and bfloat16, and with the fused optimizers against ``torch.optim`` over three steps. The CUDA tests need a GPU and
+an extension built with nvcc, and are skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+
+import pytest
+import torch
+
+from ff_kernels import optim
+from ff_kernels._options import check_step_options
+from ff_kernels.ops import cuda_step
+from ff_kernels.ops.cuda_step import ff_linear_forward_cuda, ff_linear_step_cuda
+from ff_kernels.ops.torch_step import ff_linear_forward_torch, ff_linear_step_torch
+from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref
+
+REASON = cuda_step.extension_unavailable_reason()
+if REASON is not None and shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip(f"no C++ compiler, so no extension: {REASON}", allow_module_level=True)
+needs_ext = pytest.mark.skipif(REASON is not None, reason=f"extension unavailable: {REASON}")
+CUDA_REASON = cuda_step.extension_unavailable_reason("cuda") if REASON is None else REASON
+needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA kernels unavailable: {CUDA_REASON}")
+
+FIELDS = ("loss", "goodness_pos", "goodness_neg", "h_pos", "h_neg", "grad_weight", "grad_bias")
+
+
+def make_inputs(rows_pos, rows_neg, k, n, *, dtype=torch.float32, bias=True, offsets=False, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x_pos = torch.rand(rows_pos, k, generator=gen, dtype=torch.float64)
+    x_neg = torch.rand(rows_neg, k, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) * (2.0 / k) ** 0.5
+    b = torch.randn(n, generator=gen, dtype=torch.float64) * 0.1 if bias else None
+    off_pos = torch.randn(rows_pos, generator=gen) if offsets else None
+    off_neg = torch.randn(rows_neg, generator=gen) if offsets else None
+    layer = [t if t is None else t.to(device, dtype) for t in (x_pos, x_neg, w, b)]
+    return layer + [t if t is None else t.to(device) for t in (off_pos, off_neg)]
+
+
+def step_options(n, *, goodness="mean", loss="logistic", normalize="l2", threshold=2.0, alpha=4.0):
+    return check_step_options(
+        threshold=threshold, goodness=goodness, loss=loss, normalize=normalize, eps=1e-4, alpha=alpha, out_features=n
+    )
+
+
+def assert_close(actual, expected, name, rtol):
+    """Elementwise rtol with an absolute floor of rtol times the tensor's largest magnitude."""
+    assert actual.shape == expected.shape, name
+    assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=rtol * scale + 1e-30, msg=name
+    )
+
+
+def check_outputs(out, ref, rtol):
+    for name in FIELDS:
+        a, r = getattr(out, name), getattr(ref, name)
+        if r is None:
+            assert a is None, name
+        else:
+            assert_close(a, r, name, rtol)
+
+
+def test_extension_is_built():
+    """With a C++ compiler present (CI), `pip install --no-build-isolation -e .` must have built ff_kernels._C."""
+    assert REASON is None, REASON
+
+
+def test_unavailable_reason_names_the_fix():
+    reason = cuda_step.extension_unavailable_reason("cuda")
+    assert reason is None or "pip install" in reason or "CUDA is not available" in reason
+    if REASON is None:
+        assert "CPU and CUDA tensors" in cuda_step.extension_unavailable_reason("meta")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU op
+# ---------------------------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize(
+    "normalize,goodness,loss,offsets,bias",
+    list(itertools.product(("l2", "rms", "none"), ("mean", "sum"), ("logistic", "symba"), *[(False, True)] * 2)),
+)
+def test_cpu_step_every_option(normalize, goodness, loss, offsets, bias):
+    rows_neg = 7 if loss == "symba" else 5
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(
+        7, rows_neg, 13, 6, dtype=torch.float64, bias=bias, offsets=offsets
+    )
+    opts = step_options(6, goodness=goodness, loss=loss, normalize=normalize)
+    out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, off_pos, off_neg)
+    # 1e-8, not float64's 1e-15: above 20, F.softplus is linear and autograd's slope is 1, where the closed form's
+    # sigmoid is 1 - 2e-9.
+    check_outputs(out, ff_linear_step_ref(x_pos, x_neg, w, b, opts, off_pos, off_neg), rtol=1e-8)
+
+
+@needs_ext
+@pytest.mark.parametrize("rows_pos,rows_neg", [(0, 9), (9, 0)])
+@pytest.mark.parametrize("offsets", [False, True])
+def test_cpu_step_empty_batch(rows_pos, rows_neg, offsets):
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(rows_pos, rows_neg, 11, 4, dtype=torch.float64, offsets=offsets)
+    opts = step_options(4, normalize="rms")
+    out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, off_pos, off_neg)
+    check_outputs(out, ff_linear_step_ref(x_pos, x_neg, w, b, opts, off_pos, off_neg), rtol=1e-8)
+    assert out.h_pos.shape == (rows_pos, 4) and out.h_neg.shape == (rows_neg, 4)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize,loss", [("l2", "logistic"), ("rms", "symba"), ("none", "logistic")])
+def test_cpu_step_is_the_torch_backend(dtype, normalize, loss):
+    """The ATen CPU op runs the torch backend's operations in the same order: bitwise equal outputs."""
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(19, 19, 37, 23, dtype=dtype, offsets=True)
+    opts = step_options(23, normalize=normalize, loss=loss)
+    out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, off_pos, off_neg)
+    want = ff_linear_step_torch(x_pos, x_neg, w, b, opts, off_pos, off_neg, compute_dtype=dtype)
+    for name in FIELDS:
+        assert torch.equal(getattr(out, name), getattr(want, name)), name
+
+
+@needs_ext
+@pytest.mark.parametrize("normalize", ["l2", "rms", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_forward(normalize, bias):
+    x, _, w, b, _, _ = make_inputs(9, 0, 13, 6, dtype=torch.float64, bias=bias)
+    h, g = ff_linear_forward_cuda(x, w, b, kappa=1 / 6, normalize=normalize, eps=1e-4)
+    h_ref, g_ref = ff_linear_forward_ref(x, w, b, kappa=1 / 6, normalize=normalize, eps=1e-4)
+    assert_close(h, h_ref, "h", 1e-12)
+    assert_close(g, g_ref, "g", 1e-12)
+    x32, w32, b32 = (t if t is None else t.float() for t in (x, w, b))
+    h32, g32 = ff_linear_forward_cuda(x32, w32, b32, kappa=1.0, normalize=normalize, eps=1e-4)
+    want = ff_linear_forward_torch(x32, w32, b32, kappa=1.0, normalize=normalize, eps=1e-4, compute_dtype=torch.float32)
+    assert torch.equal(h32, want[0]) and torch.equal(g32, want[1])
+
+
+# The fused-update spec is torch.optim's single-tensor step (DESIGN 1.7); ff_kernels.optim's names.
+OPTIMIZERS = {
+    "sgd": ("SGD", dict(lr=0.1)),
+    "sgd_momentum_dampening": ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3)),
+    "sgd_nesterov_wd": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "adam": ("Adam", dict(lr=0.03)),
+    "adam_wd": ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.05)),
+    "adamw": ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+}
+
+
+def make_optimizer(kind, params, module=optim):
+    name, kwargs = OPTIMIZERS[kind]
+    if module is torch.optim:
+        kwargs = dict(kwargs, foreach=False)  # the single-tensor implementation is the spec
+    return getattr(module, name)(params, **kwargs)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_fused_update_matches_torch_optim(kind, bias):
+    """Three steps with the optimizer inside the op against torch.optim fed the reference gradients."""
+    k, n = 13, 6
+    _, _, w, b, _, _ = make_inputs(1, 1, k, n, dtype=torch.float64, bias=bias)
+    params = [p for p in (w, b) if p is not None]
+    params_ref = [p.clone().requires_grad_(True) for p in params]
+    opt, opt_ref = make_optimizer(kind, params), make_optimizer(kind, params_ref, torch.optim)
+    opts = step_options(n, loss="symba" if kind == "adamw" else "logistic")
+    for step in range(3):
+        x_pos, x_neg, _, _, off_pos, off_neg = make_inputs(9, 9, k, n, dtype=torch.float64, offsets=step == 1,
+                                                           seed=step + 1)
+        b_ref = params_ref[1] if bias else None
+        ref = ff_linear_step_ref(x_pos, x_neg, params_ref[0], b_ref, opts, off_pos, off_neg)
+        out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, off_pos, off_neg, optimizer=opt)
+        assert out.grad_weight is None and out.grad_bias is None
+        assert_close(out.loss, ref.loss, f"step {step} loss", 1e-8)
+        for p_ref, grad in zip(params_ref, (ref.grad_weight, ref.grad_bias)):
+            p_ref.grad = grad
+        opt_ref.step()
+        for p, p_ref in zip(params, params_ref):
+            assert_close(p, p_ref.detach(), f"step {step} param", 1e-8)
+    if kind.startswith("adam"):
+        assert opt.check_holds("weight", w)["step"] == 3
+
+
+@needs_ext
+def test_cpu_fused_update_bf16_params_keep_fp32_state():
+    """bf16 parameters: the update runs on an fp32 master copy with fp32 state, exactly as optimizer.update."""
+    x_pos, x_neg, w, b, _, _ = make_inputs(9, 9, 13, 6, dtype=torch.bfloat16)
+    w_ref, b_ref = w.clone(), b.clone()
+    opt = optim.SGD([w, b], lr=0.1, momentum=0.9, nesterov=True)
+    opt_ref = optim.SGD([w_ref, b_ref], lr=0.1, momentum=0.9, nesterov=True)
+    opts = step_options(6)
+    for _ in range(2):
+        ref = ff_linear_step_torch(x_pos, x_neg, w_ref, b_ref, opts, compute_dtype=torch.bfloat16)
+        ff_linear_step_cuda(x_pos, x_neg, w, b, opts, optimizer=opt)
+        opt_ref.update([w_ref, b_ref], [ref.grad_weight, ref.grad_bias])
+        assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+        buf = opt.check_holds("weight", w)["momentum_buffer"]
+        assert buf.dtype == torch.float32
+        assert torch.equal(buf, opt_ref.check_holds("weight", w_ref)["momentum_buffer"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration: schemas, fake implementations, torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+def _opcheck_inputs(device="cpu", bias=True, dtype=torch.float32):
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(5, 5, 7, 3, bias=bias, offsets=True, device=device, dtype=dtype)
+    return x_pos, x_neg, w, b, off_pos, off_neg, 2.0, 1.0 / 3, "symba", "l2", 1e-4, 4.0, False
+
+
+def _opcheck_all(device):
+    ops = torch.ops.ff_kernels_ext
+    x, _, w, b, _, _ = make_inputs(5, 0, 7, 3, device=device)
+    torch.library.opcheck(ops.forward.default, (x, w, b, 1.0 / 3, "rms", 1e-4, False))
+    torch.library.opcheck(ops.step.default, _opcheck_inputs(device))
+    torch.library.opcheck(ops.step.default, _opcheck_inputs(device, bias=False))
+    args = _opcheck_inputs(device)
+    bufs = (torch.zeros_like(args[2]), torch.zeros_like(args[3]))
+    torch.library.opcheck(ops.step_sgd_.default, (*args, *bufs, 0.1, 0.9, 0.0, 0.01, True, True, True))
+    args = _opcheck_inputs(device, bias=False)
+    state = (torch.zeros_like(args[2]), torch.zeros_like(args[2]), None, None)
+    torch.library.opcheck(
+        ops.step_adam_.default, (*args, *state, 1e-2, 0.9, 0.999, 1e-8, 0.01, True, 0.1, 0.0316, 0.1, 0.0316)
+    )
+
+
+@needs_ext
+def test_opcheck_cpu():
+    _opcheck_all("cpu")
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    """The ops are opaque to torch.compile: a step with a fused optimizer traces without graph breaks."""
+    torch._dynamo.reset()
+    x_pos, x_neg, w, b, _, _ = make_inputs(9, 9, 11, 5)
+    w_next = make_inputs(1, 1, 5, 7)[2]
+    opts = step_options(5)
+    w_eager, b_eager = w.clone(), b.clone()
+    opt, opt_eager = optim.Adam([w, b], lr=0.1), optim.Adam([w_eager, b_eager], lr=0.1)
+
+    def step(x_pos, x_neg, w, b, optimizer):
+        out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, optimizer=optimizer)
+        h, g = ff_linear_forward_cuda(out.h_pos, w_next, None, kappa=1.0, normalize="rms", eps=1e-4)
+        return out.loss, out.goodness_neg, h, g
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        got, want = compiled(x_pos, x_neg, w, b, opt), step(x_pos, x_neg, w_eager, b_eager, opt_eager)
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+        assert torch.equal(w, w_eager) and torch.equal(b, b_eager)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA kernels (GPU only)
+# ---------------------------------------------------------------------------------------------------------------
+# P, Q, K, N: tails in every tile dimension, both tile configurations, every copy width (bf16: K = 784 -> 16 bytes,
+# 500 -> 8, 250 -> 4, 45 -> 2), multi-block row kernels and empty batches.
+CUDA_SHAPES = [(37, 29, 45, 23), (0, 41, 250, 70), (300, 0, 500, 130), (700, 700, 784, 500), (1, 1, 1, 1)]
+LOW_PRECISION_RTOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _cuda_case(dtype, shape, normalize, goodness, loss, bias, offsets, tf32=False):
+    rows_pos, rows_neg, k, n = shape
+    if loss == "symba":
+        rows_pos = rows_neg = max(rows_pos, rows_neg)
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(
+        rows_pos, rows_neg, k, n, dtype=dtype, bias=bias, offsets=offsets, device="cuda"
+    )
+    opts = step_options(n, goodness=goodness, loss=loss, normalize=normalize)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        out = ff_linear_step_cuda(x_pos, x_neg, w, b, opts, off_pos, off_neg)
+    finally:
+        matmul.fp32_precision = saved
+    exact = ff_linear_step_ref(x_pos.double(), x_neg.double(), w.double(), None if b is None else b.double(), opts,
+                               off_pos, off_neg)
+    return out, exact
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize(
+    "normalize,goodness,loss,bias,offsets",
+    [("l2", "mean", "logistic", True, False), ("rms", "sum", "symba", False, True), ("none", "mean", "logistic",
+                                                                                     True, True)],
+)
+def test_cuda_step_fp32_exact(shape, normalize, goodness, loss, bias, offsets):
+    out, exact = _cuda_case(torch.float32, shape, normalize, goodness, loss, bias, offsets)
+    for name in FIELDS:
+        a, r = getattr(out, name), getattr(exact, name)
+        if r is None:
+            assert a is None
+        else:
+            assert_close(a.double(), r, name, 1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "tf32"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_step_tensor_cores(dtype, shape):
+    tf32 = dtype == "tf32"
+    dtype = torch.float32 if tf32 else dtype
+    out, exact = _cuda_case(dtype, shape, "l2", "mean", "logistic", True, True, tf32=tf32)
+    rtol = 3e-3 if tf32 else LOW_PRECISION_RTOL[dtype]
+    for name in FIELDS:
+        assert_close(getattr(out, name).double(), getattr(exact, name), name, rtol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward(dtype):
+    x, _, w, b, _, _ = make_inputs(333, 0, 500, 130, dtype=dtype, device="cuda")
+    h, g = ff_linear_forward_cuda(x, w, b, kappa=1 / 130, normalize="l2", eps=1e-4)
+    h_ref, g_ref = ff_linear_forward_ref(x.double(), w.double(), b.double(), kappa=1 / 130, normalize="l2", eps=1e-4)
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert h.dtype == dtype and g.dtype == torch.float32
+    assert_close(h.double(), h_ref, "h", rtol)
+    assert_close(g.double(), g_ref, "g", rtol)
+
+
+@needs_cuda
+def test_cuda_step_is_deterministic():
+    x_pos, x_neg, w, b, _, _ = make_inputs(1000, 1000, 784, 500, device="cuda")
+    opts = step_options(500)
+    first, second = (ff_linear_step_cuda(x_pos, x_neg, w, b, opts) for _ in range(2))
+    for name in FIELDS:
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_cuda_fused_update_matches_optimizer(kind):
+    """Three steps with the update fused into the GEMM 2 epilogue against optimizer.update on reference grads."""
+    k, n = 250, 70
+    _, _, w, b, _, _ = make_inputs(1, 1, k, n, device="cuda")
+    w_ref, b_ref = w.clone(), b.clone()
+    opt, opt_ref = make_optimizer(kind, [w, b]), make_optimizer(kind, [w_ref, b_ref])
+    opts = step_options(n)
+    for step in range(3):
+        x_pos, x_neg, _, _, _, _ = make_inputs(300, 200, k, n, seed=step + 1, device="cuda")
+        ref = ff_linear_step_ref(x_pos, x_neg, w_ref, b_ref, opts)
+        ff_linear_step_cuda(x_pos, x_neg, w, b, opts, optimizer=opt)
+        opt_ref.update([w_ref, b_ref], [ref.grad_weight, ref.grad_bias])
+        for p, p_ref, label in ((w, w_ref, "weight"), (b, b_ref, "bias")):
+            assert_close(p, p_ref, f"step {step} {label}", 1e-4)
+            state, state_ref = opt.check_holds(label, p), opt_ref.check_holds(label, p_ref)
+            for key, value in state_ref.items():
+                if isinstance(value, torch.Tensor):
+                    assert state[key].dtype == torch.float32
+                    assert_close(state[key], value, f"step {step} {label} {key}", 1e-4)
+                else:
+                    assert state[key] == value
+
+
+@needs_cuda
+def test_cuda_fp16_row_coefficients_do_not_underflow():
+    x_pos, x_neg, w, b, _, _ = make_inputs(4096, 4096, 45, 23, dtype=torch.float16, device="cuda")
+    opts = step_options(23)
+    out = ff_linear_step_cuda(x_pos * 100, x_neg * 100, w, b, opts)
+    exact = ff_linear_step_ref(x_pos * 100, x_neg * 100, w, b, opts)
+    scale = exact.grad_weight.float().abs().max().item()
+    assert (out.grad_weight.float() - exact.grad_weight.float()).abs().max().item() <= 5e-3 * scale
+
+
+@needs_cuda
+def test_opcheck_cuda():
+    _opcheck_all("cuda")
