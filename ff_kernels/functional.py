@@ -19,6 +19,11 @@ from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref
 from ff_kernels.types import FFStepOutput
 
 
+def auto_for_compute_dtype(backend: str, compute: torch.dtype, weight: torch.Tensor) -> str:
+    """A compute dtype other than the weight's is a feature of the torch backend: ``auto`` then means torch."""
+    return "torch" if backend == "auto" and compute != weight.dtype else backend
+
+
 @torch.no_grad()
 def ff_linear_step(
     x_pos: torch.Tensor,
@@ -49,7 +54,8 @@ def ff_linear_step(
         optimizer: an ``ff_kernels.optim`` optimizer holding ``weight`` (and ``bias``), or None to get gradients.
         backend: "auto", "reference", "torch", "triton" or "cuda"; an unavailable one raises.
         compute_dtype: dtype of the matrix products (e.g. torch.bfloat16 with float32 weights); goodness, loss,
-            gradients and optimizer state stay float32. Default: the weight dtype.
+            gradients and optimizer state stay float32. Default: the weight dtype. Supported by the torch
+            backend, which ``auto`` then picks.
         check_finite: scan the inputs for NaN/inf and raise ValueError (one reduction and, on a GPU, one host
             sync). With False, non-finite inputs give a NaN loss and, with an optimizer, NaN parameters.
 
@@ -89,7 +95,7 @@ def ff_linear_step(
         optimizer.check_holds("weight", weight)
         if bias is not None:
             optimizer.check_holds("bias", bias)
-    backend = resolve_backend(backend, weight.device)
+    backend = resolve_backend(auto_for_compute_dtype(backend, compute, weight), weight.device)
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
 
@@ -133,7 +139,7 @@ def ff_linear_forward(
     opt_checks.check_choice("goodness", goodness, opt_checks.GOODNESS)
     opt_checks.check_normalize(normalize, eps)
     kappa = opt_checks.goodness_scale(goodness, weight.shape[0])
-    backend = resolve_backend(backend, weight.device)
+    backend = resolve_backend(auto_for_compute_dtype(backend, compute, weight), weight.device)
     if compute != weight.dtype and backend != "torch":
         raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
     if backend == "triton":
