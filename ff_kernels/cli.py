@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ff_kernels import bench, memory
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an FFNet (scikit-learn digits by default) and report accuracy")
     add_train_arguments(train)
     train.set_defaults(run=run_train)
+    bench.add_parser(commands)
+    memory.add_parser(commands)
     return parser
 
 

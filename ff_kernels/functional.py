@@ -115,7 +115,7 @@ def ff_linear_step(
         return out
     params = [weight] if bias is None else [weight, bias]
     grads = [out.grad_weight] if bias is None else [out.grad_weight, out.grad_bias]
-    optimizer.update(params, grads)
+    optimizer.update(params, grads, grads_are_scratch=True)
     return out._replace(grad_weight=None, grad_bias=None)
 
 

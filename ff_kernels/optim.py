@@ -48,17 +48,25 @@ class FusedOptimizer:
         return self.state[i]
 
     @torch.no_grad()
-    def update(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        """Apply one step to ``params`` (a subset of this optimizer's) with the given gradients, in place."""
+    def update(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, grads_are_scratch: bool = False
+    ) -> None:
+        """Apply one step to ``params`` (a subset of this optimizer's) with the given gradients, in place.
+
+        ``grads_are_scratch=True`` lets the update reuse the gradient tensors as workspace (``ff_linear_step``
+        does, as its gradients are its own temporaries), which saves one parameter-sized buffer.
+        """
         states = [self.check_holds(f"params[{i}]", p) for i, p in enumerate(params)]
         master = [p if p.dtype == torch.float32 or p.dtype == torch.float64 else p.float() for p in params]
-        grads = [g.to(m.dtype) for g, m in zip(grads, master)]
-        self._update(master, grads, states)
+        converted = [g.to(m.dtype) for g, m in zip(grads, master)]
+        scratch = grads_are_scratch or any(c is not g for c, g in zip(converted, grads))
+        self._update(master, converted if scratch else [g.clone() for g in converted], states)
         for p, m in zip(params, master):
             if m is not p:
                 p.copy_(m)
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        """One step in place; ``grads`` are this call's own tensors and may be overwritten."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -157,9 +165,9 @@ class Adam(FusedOptimizer):
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        for s, p, m, v in zip(states, params, exp_avgs, exp_avg_sqs):
+        for s, p, g, m, v in zip(states, params, grads, exp_avgs, exp_avg_sqs):
             step_size, bias_correction2_sqrt = self.bias_corrections(s["step"])
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            denom = torch.sqrt(v, out=g).div_(bias_correction2_sqrt).add_(self.eps)
             p.addcdiv_(m, denom, value=-step_size)
 
     def bias_corrections(self, step: int) -> tuple[float, float]:

@@ -76,7 +76,17 @@ def loss_and_coefficient(
 
 
 def stack_rows(x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One (P+Q, K) batch in ``dtype``, written in a single pass (the cast, if any, happens in the copy)."""
+    """One (P+Q, K) batch in ``dtype``, written in a single pass (the cast, if any, happens in the copy).
+
+    A previous layer's ``h_pos``/``h_neg`` are adjacent rows of one tensor: then the stacked batch is a view of
+    it and nothing is copied (one activation-sized buffer less at every layer after the first).
+    """
+    if x_pos.dtype == dtype and x_neg.dtype == dtype:
+        if x_pos.shape[0] == 0 or x_neg.shape[0] == 0:
+            return x_neg if x_pos.shape[0] == 0 else x_pos
+        adjacent = x_neg.data_ptr() == x_pos.data_ptr() + x_pos.numel() * x_pos.element_size()
+        if adjacent and x_pos.untyped_storage().data_ptr() == x_neg.untyped_storage().data_ptr():
+            return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
     x = torch.empty((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), dtype=dtype, device=x_pos.device)
     x[: x_pos.shape[0]].copy_(x_pos)
     x[x_pos.shape[0] :].copy_(x_neg)
