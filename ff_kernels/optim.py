@@ -15,6 +15,20 @@ from typing import Any
 import torch
 
 
+def master_dtype(param: torch.Tensor) -> torch.dtype:
+    """State and update arithmetic: float32, or float64 for float64 parameters."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def state_buffer(state: dict[str, Any], key: str, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``state[key]``, created as zeros in the master dtype when absent; returns (tensor, created)."""
+    buf = state.get(key)
+    if buf is not None:
+        return buf, False
+    state[key] = torch.zeros(param.shape, dtype=master_dtype(param), device=param.device)
+    return state[key], True
+
+
 class FusedOptimizer:
     """Common bookkeeping: the parameter list, per-parameter state, and the checks of ``ff_linear_step``."""
 
@@ -57,7 +71,7 @@ class FusedOptimizer:
         does, as its gradients are its own temporaries), which saves one parameter-sized buffer.
         """
         states = [self.check_holds(f"params[{i}]", p) for i, p in enumerate(params)]
-        master = [p if p.dtype == torch.float32 or p.dtype == torch.float64 else p.float() for p in params]
+        master = [p if p.dtype == master_dtype(p) else p.to(master_dtype(p)) for p in params]
         converted = [g.to(m.dtype) for g, m in zip(grads, master)]
         scratch = grads_are_scratch or any(c is not g for c, g in zip(converted, grads))
         self._update(master, converted if scratch else [g.clone() for g in converted], states)
@@ -129,6 +143,17 @@ class SGD(FusedOptimizer):
             grads = torch._foreach_add(grads, buffers, alpha=self.momentum) if self.nesterov else buffers
         torch._foreach_add_(params, grads, alpha=-self.lr)
 
+    def fused_state(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[list, list[bool]]:
+        """For kernels that fuse this update: the momentum buffers of (weight, bias) (None without momentum or
+        bias) and whether each is new; a new buffer takes the gradient itself, as torch.optim's first step."""
+        buffers: list[torch.Tensor | None] = [None, None]
+        first = [False, False]
+        if self.momentum:
+            for i, (name, p) in enumerate((("weight", weight), ("bias", bias))):
+                if p is not None:
+                    buffers[i], first[i] = state_buffer(self.check_holds(name, p), "momentum_buffer", p)
+        return buffers, first
+
 
 class Adam(FusedOptimizer):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient) with bias correction."""
@@ -169,6 +194,23 @@ class Adam(FusedOptimizer):
             step_size, bias_correction2_sqrt = self.bias_corrections(s["step"])
             denom = torch.sqrt(v, out=g).div_(bias_correction2_sqrt).add_(self.eps)
             p.addcdiv_(m, denom, value=-step_size)
+
+    def fused_state(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[list, list[float]]:
+        """For kernels that fuse this update: advances the step count of (weight, bias) and returns their moments
+        [exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b] (None for a missing bias) and bias corrections
+        [step_size_w, bc2_sqrt_w, step_size_b, bc2_sqrt_b]."""
+        moments: list[torch.Tensor | None] = [None, None, None, None]
+        corrections = [0.0, 1.0, 0.0, 1.0]
+        for i, (name, p) in enumerate((("weight", weight), ("bias", bias))):
+            if p is None:
+                continue
+            s = self.check_holds(name, p)
+            s.setdefault("step", 0)
+            moments[2 * i] = state_buffer(s, "exp_avg", p)[0]
+            moments[2 * i + 1] = state_buffer(s, "exp_avg_sq", p)[0]
+            s["step"] += 1
+            corrections[2 * i : 2 * i + 2] = self.bias_corrections(s["step"])
+        return moments, corrections
 
     def bias_corrections(self, step: int) -> tuple[float, float]:
         """lr / (1 - beta1^t) and sqrt(1 - beta2^t), computed on the host as torch.optim does."""

@@ -180,18 +180,6 @@ def _tf32_allowed(t: torch.Tensor) -> bool:
     return bool(matmul.allow_tf32)
 
 
-def _state(state: dict, key: str, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``state[key]``, created as zeros when absent, in the optimizer's master dtype (fp32, or fp64 for fp64
-    parameters, as ff_kernels.optim); returns (tensor, created)."""
-    buf = state.get(key)
-    if buf is not None:
-        return buf, False
-    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    buf = torch.zeros(param.shape, dtype=dtype, device=param.device)
-    state[key] = buf
-    return buf, True
-
-
 def ff_linear_step_cuda(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -216,27 +204,15 @@ def ff_linear_step_cuda(
         loss, g, h, grad_w, gb = ops.step(x_pos, x_neg, w, b, *step_args)
         grad_b = None if b is None else gb
     else:
-        params = (w,) if b is None else (w, b)
-        states = [optimizer.check_holds(name, p) for name, p in zip(("weight", "bias"), params)]
         if isinstance(optimizer, SGD):
-            bufs, firsts = [None, None], [False, False]
-            if optimizer.momentum:
-                for i, (s, p) in enumerate(zip(states, params)):
-                    bufs[i], firsts[i] = _state(s, "momentum_buffer", p)
+            bufs, firsts = optimizer.fused_state(w, b)
             loss, g, h = ops.step_sgd_(
                 x_pos, x_neg, w, b, *step_args, bufs[0], bufs[1], float(optimizer.lr), float(optimizer.momentum),
                 float(optimizer.dampening), float(optimizer.weight_decay), bool(optimizer.nesterov),
                 firsts[0], firsts[1],
             )
         elif isinstance(optimizer, Adam):
-            moments: list[torch.Tensor | None] = [None, None, None, None]
-            corrections = [0.0, 1.0, 0.0, 1.0]
-            for i, (s, p) in enumerate(zip(states, params)):
-                s.setdefault("step", 0)
-                moments[2 * i] = _state(s, "exp_avg", p)[0]
-                moments[2 * i + 1] = _state(s, "exp_avg_sq", p)[0]
-                s["step"] += 1
-                corrections[2 * i : 2 * i + 2] = optimizer.bias_corrections(s["step"])
+            moments, corrections = optimizer.fused_state(w, b)
             beta1, beta2 = optimizer.betas
             loss, g, h = ops.step_adam_(
                 x_pos, x_neg, w, b, *step_args, *moments, float(optimizer.lr), float(beta1), float(beta2),

@@ -1154,16 +1154,6 @@ def _(
 # ---------------------------------------------------------------------------------------------------------------
 # The functions ff_kernels.functional calls (inputs already checked there).
 # ---------------------------------------------------------------------------------------------------------------
-def _fp32_state(state: dict, key: str, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The fp32 state tensor ``state[key]``, created as zeros when absent; returns (tensor, created)."""
-    buf = state.get(key)
-    if buf is None:
-        buf = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        state[key] = buf
-        return buf, True
-    return buf, False
-
-
 def ff_linear_step_triton(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -1182,12 +1172,8 @@ def ff_linear_step_triton(
         loss, g, h, grad_w, gb = torch.ops.ff_kernels.triton_step(x_pos, x_neg, w, b, *step_args)
         grad_b = None if b is None else gb
     else:
-        states = [optimizer.check_holds("weight", w)] + ([] if b is None else [optimizer.check_holds("bias", b)])
         if isinstance(optimizer, SGD):
-            bufs, firsts = [None, None], [False, False]
-            if optimizer.momentum:
-                for i, (s, p) in enumerate(zip(states, (w, b))):
-                    bufs[i], firsts[i] = _fp32_state(s, "momentum_buffer", p)
+            bufs, firsts = optimizer.fused_state(w, b)
             loss, g, h = torch.ops.ff_kernels.triton_step_sgd_(
                 x_pos,
                 x_neg,
@@ -1205,14 +1191,7 @@ def ff_linear_step_triton(
                 firsts[1],
             )
         elif isinstance(optimizer, Adam):
-            moments, corrections = [None, None, None, None], [0.0, 1.0, 0.0, 1.0]
-            for i, (s, p) in enumerate(zip(states, (w, b))):
-                if not s:
-                    s["step"] = 0
-                moments[2 * i] = _fp32_state(s, "exp_avg", p)[0]
-                moments[2 * i + 1] = _fp32_state(s, "exp_avg_sq", p)[0]
-                s["step"] += 1
-                corrections[2 * i : 2 * i + 2] = optimizer.bias_corrections(s["step"])
+            moments, corrections = optimizer.fused_state(w, b)
             beta1, beta2 = optimizer.betas
             loss, g, h = torch.ops.ff_kernels.triton_step_adam_(
                 x_pos,
