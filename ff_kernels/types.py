@@ -22,3 +22,24 @@ class FFStepOutput(NamedTuple):
     h_neg: torch.Tensor
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None
+
+    @classmethod
+    def from_stacked(
+        cls,
+        loss: torch.Tensor,
+        goodness: torch.Tensor,
+        h: torch.Tensor,
+        rows_pos: int,
+        grad_weight: torch.Tensor | None,
+        grad_bias: torch.Tensor | None,
+    ) -> FFStepOutput:
+        """The record from the stacked (P+Q)-row goodness and activations the fast paths compute."""
+        return cls(
+            loss=loss,
+            goodness_pos=goodness[:rows_pos],
+            goodness_neg=goodness[rows_pos:],
+            h_pos=h[:rows_pos],
+            h_neg=h[rows_pos:],
+            grad_weight=grad_weight,
+            grad_bias=grad_bias,
+        )

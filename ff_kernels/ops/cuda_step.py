@@ -221,15 +221,7 @@ def ff_linear_step_cuda(
             )
         else:
             raise TypeError(f"the cuda backend has no fused update for {type(optimizer).__name__}")
-    return FFStepOutput(
-        loss=loss,
-        goodness_pos=g[:rows_pos],
-        goodness_neg=g[rows_pos:],
-        h_pos=h[:rows_pos],
-        h_neg=h[rows_pos:],
-        grad_weight=grad_w,
-        grad_bias=grad_b,
-    )
+    return FFStepOutput.from_stacked(loss, g, h, rows_pos, grad_w, grad_b)
 
 
 def ff_linear_forward_cuda(

@@ -135,12 +135,6 @@ def ff_linear_step_torch(
     else:
         grad_weight = torch.mm(h.t(), x * row_coef.to(x.dtype).unsqueeze(1))
     grad_bias = None if bias is None else torch.mv(h.t(), c.to(h.dtype))
-    return FFStepOutput(
-        loss=loss,
-        goodness_pos=g[:rows_pos],
-        goodness_neg=g[rows_pos:],
-        h_pos=h[:rows_pos],
-        h_neg=h[rows_pos:],
-        grad_weight=grad_weight.to(weight.dtype),
-        grad_bias=None if grad_bias is None else grad_bias.to(weight.dtype),
+    return FFStepOutput.from_stacked(
+        loss, g, h, rows_pos, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
     )
