@@ -83,7 +83,9 @@ def model_bytes(cfg: MemoryConfig, foreach: bool | None = None) -> dict[str, int
     backprop: the largest of L a saved activations plus four (M, width) temporaries of the loss backward (the
     mean's gradient, 2h, their product, the ReLU gradient), sum G + 2a at the bottom of backward, and sum G plus
     Adam temporaries at the step. ff_fused, torch backend: per layer the input h, then the larger of
-    stacked x + h + the row-scaled operand of GEMM 2 + G_i and h + G_i + two Adam temporaries; on CUDA the fused
+    h + the row-scaled operand of GEMM 2 + G_i (positives and negatives are adjacent rows of one tensor here, the
+    input batch as every layer's h, so the stacked batch is a view, not a copy) and h + G_i (the Adam update
+    reuses the step's gradient as its workspace); on CUDA the fused
     update never materialises G_i, leaving the input, h and the per-tile goodness partials. ff_eager: the stale
     gradients of all layers (sum G) plus one layer's input, normalised input, h and two (M, width) gradient
     temporaries, or its Adam temporaries. Adam temporaries: two parameter-sized tensors (sqrt, divide), or with
@@ -110,7 +112,7 @@ def model_bytes(cfg: MemoryConfig, foreach: bool | None = None) -> dict[str, int
             live = max(live, h_in + act + m * math.ceil(w / 64) * 4)
         elif cfg.method == "ff_fused":
             scaled = act if w <= k else x_i
-            live = max(live, h_in + max(x_i + act + scaled + g, act + 3 * g))
+            live = max(live, h_in + act + scaled + g)
         elif cfg.method == "ff_eager":
             temps = g if foreach else 2 * g
             live = max(live, sum(grads) - g + h_in + act + max(x_i + 2 * act + g, g + temps))

@@ -101,6 +101,7 @@ def test_memory_model_flat_for_ff_linear_for_backprop():
     assert bp[15] - bp[7] == pytest.approx(8 * (bp[15] - bp[14]), rel=1e-6)
     ff = [working("ff_fused", d) for d in depths]
     assert len(set(ff[1:])) == 1 and max(ff) == ff[1]
+    assert ff[7] <= 0.25 * bp[7]
     eager = [working("ff_eager", d) for d in depths]
     assert all(b > a for a, b in zip(eager, eager[1:]))
     static = memory.model_bytes(memory.MemoryConfig("backprop", 8, width=2000, batch=256))
@@ -118,7 +119,7 @@ def test_memory_measurement_subprocess_returns_positive_numbers():
 
 
 def test_memory_command_writes_table_csv_json_plot(tmp_path, capsys):
-    args = _parse(["memory", "--depths", "2", "--width", "128", "--in-features", "64", "--batch", "16",
+    args = _parse(["memory", "--depths", "2", "--width", "512", "--in-features", "256", "--batch", "64",
                    "--steps", "1", "--methods", "ff_fused,backprop", "--out", str(tmp_path)])
     assert args.run(args) == 0
     printed = capsys.readouterr().out
