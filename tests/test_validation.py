@@ -438,3 +438,11 @@ def test_forward_checks_eps(eps) -> None:
     """ff_linear_forward must validate eps as ff_linear_step does (a NaN eps gives NaN goodness silently)."""
     with pytest.raises(ValueError, match="eps must be"):
         forward(eps=eps)
+
+
+def test_auto_backend_picks_triton_for_cuda_tensors(monkeypatch) -> None:
+    """DESIGN 2 / the Triton issue: CUDA tensors get the fused Triton path whenever Triton is importable."""
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: None)
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: "Triton is not installed")
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
