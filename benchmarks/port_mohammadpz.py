@@ -1,8 +1,9 @@
 """A mohammadpz-style FF training loop against the same loop ported to ``ff_kernels``, side by side in one run.
 
-The eager loop below is written the way mohammadpz/pytorch_forward_forward writes it (our own code in that
-style): an ``nn.Linear`` subclass that normalises its input, two forward passes, ``log(1 + exp(.))`` loss,
-``loss.backward()`` and ``torch.optim.Adam``, 1000 full-batch steps per layer, greedy layer by layer. The port
+The eager loop is written the way mohammadpz/pytorch_forward_forward writes it (our own code in that style,
+``ff_kernels.bench.EagerFFLayer``): an ``nn.Linear`` subclass that normalises its input, two forward passes,
+``log(1 + exp(.))`` loss, ``loss.backward()`` and ``torch.optim.Adam``, 1000 full-batch steps per layer, greedy
+layer by layer. The port
 replaces the layer with ``ff_kernels.FFLinear`` and the step with ``train_step`` (the README shows the diff).
 Both start from the same weights and see the same positives and negatives, so their errors are comparable;
 each variant runs ``--repeats`` times interleaved with the others and the median time is reported.
@@ -22,30 +23,7 @@ import torch
 from torch import nn
 
 import ff_kernels as ffk
-
-
-class EagerFFLayer(nn.Linear):
-    """The mohammadpz layer: input length-normalised, ReLU, mean-square goodness, trained by autograd."""
-
-    def __init__(self, in_features: int, out_features: int, *, threshold: float, lr: float, steps: int) -> None:
-        super().__init__(in_features, out_features)
-        self.relu = nn.ReLU()
-        self.threshold, self.steps = threshold, steps
-        self.opt = torch.optim.Adam(self.parameters(), lr=lr)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_direction = x / (x.norm(2, 1, keepdim=True) + 1e-4)
-        return self.relu(torch.mm(x_direction, self.weight.T) + self.bias.unsqueeze(0))
-
-    def train_layer(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(self.steps):
-            g_pos = self.forward(x_pos).pow(2).mean(1)
-            g_neg = self.forward(x_neg).pow(2).mean(1)
-            loss = torch.log(1 + torch.exp(torch.cat([-g_pos + self.threshold, g_neg - self.threshold]))).mean()
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-        return self.forward(x_pos).detach(), self.forward(x_neg).detach()
+from ff_kernels.bench import EagerFFLayer
 
 
 def overlay(x: torch.Tensor, labels: torch.Tensor | int, num_classes: int, value: float) -> torch.Tensor:
@@ -72,11 +50,14 @@ def error_rate(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, num_cl
 def train_eager(inits, x_pos, x_neg, args) -> list[nn.Module]:
     layers = []
     for weight, bias in inits:
-        layer = EagerFFLayer(weight.shape[1], weight.shape[0], threshold=2.0, lr=0.03, steps=args.steps)
+        layer = EagerFFLayer(weight.shape[1], weight.shape[0], threshold=2.0, lr=0.03)
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.bias.copy_(bias)
-        x_pos, x_neg = layer.train_layer(x_pos, x_neg)
+        for _ in range(args.steps):
+            layer.step(x_pos, x_neg)
+        with torch.no_grad():
+            x_pos, x_neg = layer(x_pos), layer(x_neg)
         layers.append(layer)
     return layers
 

@@ -84,7 +84,8 @@ def default_shapes(device: torch.device, quick: bool) -> list[Shape]:
 
 
 class EagerFFLayer(nn.Linear):
-    """The mohammadpz layer (as in benchmarks/port_mohammadpz.py): normalise, linear, ReLU, trained by autograd."""
+    """The mohammadpz layer, our code in its style: normalise, linear, ReLU, trained by autograd; the eager baseline
+    of the benchmarks, the memory report and benchmarks/port_mohammadpz.py."""
 
     def __init__(self, in_features: int, out_features: int, *, threshold: float = THRESHOLD, lr: float = LR,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:

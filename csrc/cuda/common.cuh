@@ -309,6 +309,39 @@ inline int math_mode(DType dtype, bool allow_tf32) {
 
 inline int element_size(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
+// Runtime (math mode, tile configuration, vector width) -> the compiled kernel instance. `Launcher` has
+// `template <class T, int CFG, bool SIMT, int VEC> static int run(const Params&, int device, cudaStream_t)`;
+// 8- and 2-element vectors exist only for 16-bit types.
+template <class Launcher, class T, int CFG, bool SIMT, class Params>
+int dispatch_vec(const Params& p, int vec, int device, cudaStream_t stream) {
+  switch (vec) {
+    case 16: return Launcher::template run<T, CFG, SIMT, 16>(p, device, stream);
+    case 4: return Launcher::template run<T, CFG, SIMT, 4>(p, device, stream);
+    default: break;
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (vec == 8) return Launcher::template run<T, CFG, SIMT, 8>(p, device, stream);
+    if (vec == 2) return Launcher::template run<T, CFG, SIMT, 2>(p, device, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <class Launcher, class T, bool SIMT, class Params>
+int dispatch_cfg(const Params& p, int cfg, int vec, int device, cudaStream_t stream) {
+  return cfg == 0 ? dispatch_vec<Launcher, T, 0, SIMT>(p, vec, device, stream)
+                  : dispatch_vec<Launcher, T, 1, SIMT>(p, vec, device, stream);
+}
+
+template <class Launcher, class Params>
+int dispatch(const Params& p, DType dtype, bool allow_tf32, int cfg, int vec, int device, cudaStream_t stream) {
+  switch (math_mode(dtype, allow_tf32)) {
+    case 0: return dispatch_cfg<Launcher, float, true>(p, cfg, vec, device, stream);
+    case 1: return dispatch_cfg<Launcher, float, false>(p, cfg, vec, device, stream);
+    case 2: return dispatch_cfg<Launcher, __half, false>(p, cfg, vec, device, stream);
+    default: return dispatch_cfg<Launcher, __nv_bfloat16, false>(p, cfg, vec, device, stream);
+  }
+}
+
 // Sets the dynamic shared-memory limit of `Kernel` once per device (the attribute is per device context); one
 // static flag word per kernel instantiation.
 template <auto Kernel>

@@ -148,36 +148,18 @@ int launch(const ForwardParams& p, int device, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, int CFG, bool SIMT>
-int dispatch_vec(const ForwardParams& p, int vec, int device, cudaStream_t stream) {
-  switch (vec) {
-    case 16: return launch<T, CFG, SIMT, 16>(p, device, stream);
-    case 4: return launch<T, CFG, SIMT, 4>(p, device, stream);
-    default: break;
+struct ForwardLauncher {
+  template <class T, int CFG, bool SIMT, int VEC>
+  static int run(const ForwardParams& p, int device, cudaStream_t stream) {
+    return launch<T, CFG, SIMT, VEC>(p, device, stream);
   }
-  if constexpr (sizeof(T) == 2) {
-    if (vec == 8) return launch<T, CFG, SIMT, 8>(p, device, stream);
-    if (vec == 2) return launch<T, CFG, SIMT, 2>(p, device, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <class T, bool SIMT>
-int dispatch_cfg(const ForwardParams& p, int cfg, int vec, int device, cudaStream_t stream) {
-  return cfg == 0 ? dispatch_vec<T, 0, SIMT>(p, vec, device, stream)
-                  : dispatch_vec<T, 1, SIMT>(p, vec, device, stream);
-}
+};
 
 }  // namespace
 
 int launch_forward(const ForwardParams& p, DType dtype, bool allow_tf32, int cfg, int vec, int device,
                    cudaStream_t stream) {
-  switch (math_mode(dtype, allow_tf32)) {
-    case 0: return dispatch_cfg<float, true>(p, cfg, vec, device, stream);
-    case 1: return dispatch_cfg<float, false>(p, cfg, vec, device, stream);
-    case 2: return dispatch_cfg<__half, false>(p, cfg, vec, device, stream);
-    default: return dispatch_cfg<__nv_bfloat16, false>(p, cfg, vec, device, stream);
-  }
+  return dispatch<ForwardLauncher>(p, dtype, allow_tf32, cfg, vec, device, stream);
 }
 
 }  // namespace detail
