@@ -554,6 +554,25 @@ def plot(rows: Sequence[Row], env: dict[str, Any], path: Path) -> str | None:
     return None
 
 
+def positive_int_list(text: str) -> list[int]:
+    """argparse type for comma-separated positive integers (widths, depths), shared by the subcommands."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 500,500; got {text!r}") from err
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, e.g. 500,500; got {text!r}")
+    return values
+
+
+def report_written(out: Path, tables: list[str], plot_name: str, plot_skipped: str | None, wall_s: float) -> None:
+    """The closing lines of a report command: the files written, and why the plot was skipped if it was."""
+    written = tables + ([] if plot_skipped else [plot_name])
+    print(f"\nwall time {wall_s:.0f} s; wrote {', '.join(str(out / w) for w in written)}")
+    if plot_skipped:
+        print(f"plot skipped: {plot_skipped}")
+
+
 def _csv_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         try:
@@ -642,8 +661,5 @@ def run(args: argparse.Namespace) -> int:
     write_csv(rows, out / "bench.csv")
     write_json(rows, env, out / "bench.json")
     skipped = plot(rows, env, out / "bench.png")
-    written = ["bench.csv", "bench.json"] + ([] if skipped else ["bench.png"])
-    print(f"\nwall time {env['wall_s']:.0f} s; wrote {', '.join(str(out / w) for w in written)}")
-    if skipped:
-        print(f"plot skipped: {skipped}")
+    report_written(out, ["bench.csv", "bench.json"], "bench.png", skipped, env["wall_s"])
     return 0

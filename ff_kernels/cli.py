@@ -11,18 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from ff_kernels import bench, memory
+from ff_kernels.bench import positive_int_list
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 500,500; got {text!r}") from err
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive widths, e.g. 500,500; got {text!r}")
-    return values
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -35,7 +26,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
     parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (plain or .gz)")
-    parser.add_argument("--dims", type=_int_list, default=[500, 500], help="hidden widths, e.g. 500,500")
+    parser.add_argument("--dims", type=positive_int_list, default=[500, 500], help="hidden widths, e.g. 500,500")
     parser.add_argument("--epochs", type=int, default=1000, help="epochs per layer (greedy) or in all (simultaneous)")
     parser.add_argument("--batch-size", type=int, default=0, help="0 for full batch (mohammadpz)")
     parser.add_argument("--schedule", default="greedy", choices=("greedy", "simultaneous"))

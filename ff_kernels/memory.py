@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ff_kernels.backends import resolve_backend
+from ff_kernels.bench import EagerFFLayer, positive_int_list, report_written
 
 METHODS = ("ff_fused", "ff_eager", "backprop")
 THRESHOLD, LR = 2.0, 1e-3
@@ -188,7 +189,6 @@ def _fill_adam_state(opt: Any, params: Sequence[torch.Tensor]) -> None:
 def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Callable[[], Any], list[torch.Tensor]]:
     """The training step of ``cfg`` and every tensor of its static state (inputs, parameters, Adam state)."""
     import ff_kernels as ffk
-    from ff_kernels.bench import EagerFFLayer
 
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -424,16 +424,6 @@ def plot(rows: Sequence[dict[str, Any]], env: dict[str, Any], path: Path) -> str
     return None
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from err
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
-    return values
-
-
 def _methods(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in METHODS]
@@ -449,7 +439,7 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="depths 1,2,4,8 (default 1..16)")
-    parser.add_argument("--depths", type=_int_list, default=None, help="comma-separated depths")
+    parser.add_argument("--depths", type=positive_int_list, default=None, help="comma-separated depths")
     parser.add_argument("--width", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256, help="M rows in all (FF: M/2 positive, M/2 negative)")
     parser.add_argument("--in-features", type=int, default=784)
@@ -506,10 +496,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(rows, out / "memory.csv")
     (out / "memory.json").write_text(json.dumps({"environment": env, "legend": LEGEND, "rows": rows}, indent=2) + "\n")
     skipped = plot(rows, env, out / "memory.png")
-    written = ["memory.csv", "memory.json"] + ([] if skipped else ["memory.png"])
-    print(f"\nwall time {env['wall_s']:.0f} s; wrote {', '.join(str(out / w) for w in written)}")
-    if skipped:
-        print(f"plot skipped: {skipped}")
+    report_written(out, ["memory.csv", "memory.json"], "memory.png", skipped, env["wall_s"])
     return 0
 
 
