@@ -64,12 +64,15 @@ def ff_linear_step_ref(
     offset_neg: torch.Tensor | None = None,
     *,
     upcast: bool = True,
+    loss_scale: float = 1.0,
 ) -> FFStepOutput:
     """One layer step by autograd over the contract; returns the gradients and leaves the parameters alone.
 
     ``upcast`` computes in float32 (or float64 when given) whatever the input precision, as the contract asks;
     ``upcast=False`` computes in the input dtype, which is the "same computation in PyTorch at that precision"
-    that low-precision tolerances are measured against.
+    that low-precision tolerances are measured against; for fp16 that computation is done as PyTorch's mixed
+    precision does it, with a loss scale (a power of two, as ``torch.amp.GradScaler`` uses) that keeps the
+    backward pass out of fp16's subnormal range and is divided out of the gradients in fp32.
     """
     dtype = torch.promote_types(weight.dtype, torch.float32) if upcast else weight.dtype
     w = weight.detach().to(dtype).requires_grad_(True)
@@ -92,7 +95,8 @@ def ff_linear_step_ref(
             offset_neg=offset_neg,
         )
         params = [w] if b is None else [w, b]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
+    grads = [None if g is None else g.to(goodness_dtype) / loss_scale for g in grads]
     grad_w = grads[0] if grads[0] is not None else torch.zeros_like(w)
     grad_b = None if b is None else (grads[1] if grads[1] is not None else torch.zeros_like(b))
     return FFStepOutput(

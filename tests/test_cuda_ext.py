@@ -69,8 +69,13 @@ def check_outputs(out, ref, rtol):
             assert_close(a, r, name, rtol)
 
 
+@pytest.mark.skipif(
+    os.environ.get("FF_KERNELS_BUILD_EXT") != "1",
+    reason="the extension is demanded only when its build was asked for (FF_KERNELS_BUILD_EXT=1, as .ci/run sets); "
+    "an isolated `pip install -e .` installs the package without it",
+)
 def test_extension_is_built():
-    """With a C++ compiler present (CI), `pip install --no-build-isolation -e .` must have built ff_kernels._C."""
+    """FF_KERNELS_BUILD_EXT=1 (CI) asks for ff_kernels._C: an install that silently went without it fails here."""
     assert REASON is None, REASON
 
 

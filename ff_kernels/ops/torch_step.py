@@ -1,8 +1,9 @@
 """The closed-form layer step in plain PyTorch (``backend="torch"``): no autograd, one stacked GEMM per direction.
 
 Positive and negative rows are stacked into one (M, K) batch, so the forward and the weight gradient are one
-GEMM each. The per-row scale r_i is applied to the GEMM output (never to a copy of x), and the gradient's row
-coefficient c_i r_i is applied to whichever of h (M, N) or x (M, K) is smaller. Works on any device.
+GEMM each. GEMM 2's operands are (c_i / 2^s) h_i and r_i x_i (``ff_kernels.ops.scaling``): r_i x_i is written into
+the stacked batch as it is copied, so GEMM 1 runs on it too and the row scale costs no extra pass. Works on any
+device.
 
 ``compute_dtype`` (e.g. bfloat16) runs the two GEMMs in that dtype with fp32 accumulation inside the GEMM, while
 goodness, loss, coefficients and the returned gradients stay float32 (the optimizer keeps fp32 master weights).
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ff_kernels._options import StepOptions
+from ff_kernels.ops.scaling import coefficient_scale, narrow_exponent
 from ff_kernels.types import FFStepOutput
 
 
@@ -33,10 +35,15 @@ def input_scale(x: torch.Tensor, normalize: str, eps: float) -> torch.Tensor | N
 
 
 def forward_stacked(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, kappa: float, normalize: str, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GEMM 1 and its epilogue: returns h (M, N) in x's dtype, goodness g (M,) in fp32 and the row scale r."""
-    r = input_scale(x, normalize, eps)
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    r: torch.Tensor | None,
+    *,
+    kappa: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM 1 and its epilogue on x and the row scale still to apply to its output (None when x already holds
+    r_i x_i, or r_i = 1): returns h (M, N) in x's dtype and the goodness g (M,) in fp32."""
     if r is None and bias is not None:
         h = torch.addmm(bias, x, weight.t())
     else:
@@ -47,7 +54,7 @@ def forward_stacked(
             h.add_(bias)
     h.relu_()
     g = torch.linalg.vector_norm(h, dim=1, dtype=accumulate_dtype(h.dtype)).square_().mul_(kappa)
-    return h, g, r
+    return h, g
 
 
 def loss_and_coefficient(
@@ -75,22 +82,46 @@ def loss_and_coefficient(
     return loss, c.mul_(2.0 * opts.kappa)
 
 
-def stack_rows(x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One (P+Q, K) batch in ``dtype``, written in a single pass (the cast, if any, happens in the copy).
+def stacked_view(x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (P+Q, K) batch as a view of the inputs when it is one, else None.
 
-    A previous layer's ``h_pos``/``h_neg`` are adjacent rows of one tensor: then the stacked batch is a view of
-    it and nothing is copied (one activation-sized buffer less at every layer after the first).
+    A previous layer's ``h_pos``/``h_neg`` are adjacent rows of one tensor: then nothing is copied (one
+    activation-sized buffer less at every layer after the first); an empty batch leaves the other one.
     """
-    if x_pos.dtype == dtype and x_neg.dtype == dtype:
-        if x_pos.shape[0] == 0 or x_neg.shape[0] == 0:
-            return x_neg if x_pos.shape[0] == 0 else x_pos
-        adjacent = x_neg.data_ptr() == x_pos.data_ptr() + x_pos.numel() * x_pos.element_size()
-        if adjacent and x_pos.untyped_storage().data_ptr() == x_neg.untyped_storage().data_ptr():
-            return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
+    if x_pos.dtype != dtype or x_neg.dtype != dtype:
+        return None
+    if x_pos.shape[0] == 0 or x_neg.shape[0] == 0:
+        return x_neg if x_pos.shape[0] == 0 else x_pos
+    adjacent = x_neg.data_ptr() == x_pos.data_ptr() + x_pos.numel() * x_pos.element_size()
+    if adjacent and x_pos.untyped_storage().data_ptr() == x_neg.untyped_storage().data_ptr():
+        return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
+    return None
+
+
+def stack_scaled_rows(
+    x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype, normalize: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stacked (P+Q, K) operand of both GEMMs in ``dtype``, and the row scale r still to apply to GEMM 1's
+    output (None when the operand already holds r_i x_i).
+
+    Usually the operand is a fresh buffer and r_i x_i is written into it in the copy's single pass (the product
+    is formed in fp32 and rounded once). A view of the caller's tensors cannot be overwritten: wide-exponent
+    dtypes keep it and defer r_i, fp16 pays for a scaled copy (``ff_kernels.ops.scaling``).
+    """
+    view = stacked_view(x_pos, x_neg, dtype)
+    if view is not None:
+        r = input_scale(view, normalize, eps)
+        if r is None or not narrow_exponent(dtype):
+            return view, r
+        return torch.mul(view, r.unsqueeze(1), out=torch.empty_like(view)), None
     x = torch.empty((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), dtype=dtype, device=x_pos.device)
-    x[: x_pos.shape[0]].copy_(x_pos)
-    x[x_pos.shape[0] :].copy_(x_neg)
-    return x
+    for part, rows in ((x_pos, x[: x_pos.shape[0]]), (x_neg, x[x_pos.shape[0] :])):
+        r = input_scale(part, normalize, eps)
+        if r is None:
+            rows.copy_(part)
+        else:
+            torch.mul(part, r.unsqueeze(1), out=rows)
+    return x, None
 
 
 def ff_linear_forward_torch(
@@ -103,11 +134,11 @@ def ff_linear_forward_torch(
     eps: float,
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference: GEMM 1 alone. h in ``compute_dtype``, goodness in fp32."""
+    """Inference: GEMM 1 alone, with the step's operand rule. h in ``compute_dtype``, goodness in fp32."""
     w = weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
-    h, g, _ = forward_stacked(x.to(compute_dtype), w, b, kappa=kappa, normalize=normalize, eps=eps)
-    return h, g
+    xs, r = stack_scaled_rows(x, x[:0], compute_dtype, normalize, eps)
+    return forward_stacked(xs, w, b, r, kappa=kappa)
 
 
 def ff_linear_step_torch(
@@ -122,19 +153,28 @@ def ff_linear_step_torch(
     compute_dtype: torch.dtype,
 ) -> FFStepOutput:
     """Forward, goodness, loss and the closed-form gradient of DESIGN 1.6, with no autograd."""
-    rows_pos = x_pos.shape[0]
-    x = stack_rows(x_pos, x_neg, compute_dtype)
+    rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
+    x, r = stack_scaled_rows(x_pos, x_neg, compute_dtype, opts.normalize, opts.eps)
     w = weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
-    h, g, r = forward_stacked(x, w, b, kappa=opts.kappa, normalize=opts.normalize, eps=opts.eps)
+    h, g = forward_stacked(x, w, b, r, kappa=opts.kappa)
     loss, c = loss_and_coefficient(g[:rows_pos], g[rows_pos:], opts, offset_pos, offset_neg)
 
-    row_coef = c if r is None else c * r
-    if h.shape[1] <= x.shape[1]:
-        grad_weight = torch.mm((h * row_coef.to(h.dtype).unsqueeze(1)).t(), x)
+    scale = coefficient_scale(opts, rows_pos, rows_neg)
+    c_scaled = c.mul(1.0 / scale)
+    if r is None:
+        grad_weight = torch.mm((h * c_scaled.to(h.dtype).unsqueeze(1)).t(), x)
     else:
-        grad_weight = torch.mm(h.t(), x * row_coef.to(x.dtype).unsqueeze(1))
-    grad_bias = None if bias is None else torch.mv(h.t(), c.to(h.dtype))
-    return FFStepOutput.from_stacked(
-        loss, g, h, rows_pos, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
-    )
+        # deferred r (a view, wide exponent): c_i r_i goes on the smaller operand
+        row_coef = (c_scaled * r).to(h.dtype).unsqueeze(1)
+        if h.shape[1] <= x.shape[1]:
+            grad_weight = torch.mm((h * row_coef).t(), x)
+        else:
+            grad_weight = torch.mm(h.t(), x * row_coef)
+    grad_bias = None if bias is None else unscale(torch.mv(h.t(), c_scaled.to(h.dtype)), scale, weight.dtype)
+    return FFStepOutput.from_stacked(loss, g, h, rows_pos, unscale(grad_weight, scale, weight.dtype), grad_bias)
+
+
+def unscale(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """2^s * t in the accumulate precision, then ``dtype``: it leaves fp16's range only if the gradient does."""
+    return t.to(accumulate_dtype(t.dtype)).mul_(scale).to(dtype)
