@@ -11,17 +11,26 @@ from __future__ import annotations
 import torch
 
 from ff_kernels import _options as opt_checks
+from ff_kernels import dispatch
 from ff_kernels.backends import resolve_backend
-from ff_kernels.ops.cuda_step import ff_linear_forward_cuda, ff_linear_step_cuda
-from ff_kernels.ops.torch_step import ff_linear_forward_torch, ff_linear_step_torch
 from ff_kernels.optim import FusedOptimizer
-from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref
 from ff_kernels.types import FFStepOutput
 
 
-def auto_for_compute_dtype(backend: str, compute: torch.dtype, weight: torch.Tensor) -> str:
-    """A compute dtype other than the weight's is a feature of the torch backend: ``auto`` then means torch."""
-    return "torch" if backend == "auto" and compute != weight.dtype else backend
+def resolve_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> dispatch.Implementation:
+    """The concrete backend's table entry for ``op``. A compute dtype other than the weight's is a feature of some
+    backends only: ``auto`` then picks the first of them, and an explicit other backend is an error."""
+    if compute == weight.dtype:
+        name = resolve_backend(backend, weight.device)
+        return dispatch.implementation(op, name)
+    supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]
+    name = resolve_backend(supporting[0] if backend == "auto" else backend, weight.device)
+    if name not in supporting:
+        raise ValueError(
+            f"compute_dtype={compute} is supported by backend={' or '.join(map(repr, supporting))} only; "
+            f"got backend={name!r}"
+        )
+    return dispatch.implementation(op, name)
 
 
 @torch.no_grad()
@@ -95,22 +104,11 @@ def ff_linear_step(
         optimizer.check_holds("weight", weight)
         if bias is not None:
             optimizer.check_holds("bias", bias)
-    backend = resolve_backend(auto_for_compute_dtype(backend, compute, weight), weight.device)
-    if compute != weight.dtype and backend != "torch":
-        raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
-
-    if backend == "triton":
-        from ff_kernels.ops.triton_step import ff_linear_step_triton
-
-        return ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
-    if backend == "cuda":
-        return ff_linear_step_cuda(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
-    if backend == "reference":
-        out = ff_linear_step_ref(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg)
-    elif backend == "torch":
-        out = ff_linear_step_torch(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, compute_dtype=compute)
-    else:
-        raise AssertionError(f"resolve_backend returned an unknown backend {backend!r}")
+    entry, step = resolve_for("linear_step", backend, compute, weight)
+    extra = {"compute_dtype": compute} if entry.compute_dtype else {}
+    if entry.fuses_update:
+        return step(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer=optimizer, **extra)
+    out = step(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, **extra)
     if optimizer is None:
         return out
     params = [weight] if bias is None else [weight, bias]
@@ -139,18 +137,7 @@ def ff_linear_forward(
     opt_checks.check_choice("goodness", goodness, opt_checks.GOODNESS)
     opt_checks.check_normalize(normalize, eps)
     kappa = opt_checks.goodness_scale(goodness, weight.shape[0])
-    backend = resolve_backend(auto_for_compute_dtype(backend, compute, weight), weight.device)
-    if compute != weight.dtype and backend != "torch":
-        raise ValueError(f"compute_dtype={compute} is supported by backend='torch' only; got backend={backend!r}")
-    if backend == "triton":
-        from ff_kernels.ops.triton_step import ff_linear_forward_triton
-
-        return ff_linear_forward_triton(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
-    if backend == "cuda":
-        return ff_linear_forward_cuda(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
-    if backend == "reference":
-        h, g = ff_linear_forward_ref(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps)
-        return h, g.to(torch.promote_types(g.dtype, torch.float32))
-    if backend != "torch":
-        raise AssertionError(f"resolve_backend returned an unknown backend {backend!r}")
-    return ff_linear_forward_torch(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps, compute_dtype=compute)
+    entry, forward = resolve_for("linear_forward", backend, compute, weight)
+    extra = {"compute_dtype": compute} if entry.compute_dtype else {}
+    h, g = forward(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps, **extra)
+    return h, g.to(torch.promote_types(g.dtype, torch.float32))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ff_kernels as ffk
-from ff_kernels import backends, functional, optim
+from ff_kernels import backends, dispatch, optim
+from ff_kernels.ops import torch_step
 
 P, Q, K, N = 6, 5, 7, 4
 
@@ -346,8 +347,9 @@ def test_resolved_triton_backend_never_runs_the_torch_path(monkeypatch) -> None:
     def torch_path(*args, **kwargs):
         raise _TorchPathCalled
 
-    monkeypatch.setattr(functional, "ff_linear_step_torch", torch_path)
-    monkeypatch.setattr(functional, "ff_linear_forward_torch", torch_path)
+    monkeypatch.setattr(torch_step, "ff_linear_step_torch", torch_path)
+    monkeypatch.setattr(torch_step, "ff_linear_forward_torch", torch_path)
+    monkeypatch.setattr(dispatch, "_loaded", {})
     x_pos, x_neg, weight, bias = data()
     try:
         ffk.ff_linear_step(x_pos, x_neg, weight, bias, backend="triton")

@@ -1,0 +1,70 @@
+"""One table from (op, backend) to the implementation; every public function dispatches through it.
+
+The public functions check their arguments once, resolve the backend (``ff_kernels.backends``) and call
+:func:`implementation`. Implementations are named by import path and imported on first use, so a backend's
+dependencies (Triton, the compiled extension) are loaded only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's function for one op.
+
+    ``fuses_update``: the function takes ``optimizer=`` and applies the update itself (in a kernel epilogue);
+    otherwise it returns gradients and the caller applies the update. ``compute_dtype``: it takes
+    ``compute_dtype=`` (matrix products in another dtype than the weight's).
+    """
+
+    target: str
+    fuses_update: bool = False
+    compute_dtype: bool = False
+
+    def load(self) -> Callable:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TABLE: dict[tuple[str, str], Implementation] = {
+    ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
+    ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
+    ("linear_step", "triton"): Implementation("ff_kernels.ops.triton_step:ff_linear_step_triton", fuses_update=True),
+    ("linear_step", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True),
+    ("linear_forward", "reference"): Implementation("ff_kernels.reference:ff_linear_forward_ref"),
+    ("linear_forward", "torch"): Implementation(
+        "ff_kernels.ops.torch_step:ff_linear_forward_torch", compute_dtype=True
+    ),
+    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton_step:ff_linear_forward_triton"),
+    ("linear_forward", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_forward_cuda"),
+}
+
+_loaded: dict[tuple[str, str], Callable] = {}
+
+
+def backends_for(op: str) -> tuple[str, ...]:
+    """The backends that implement ``op``, in the table's order."""
+    return tuple(backend for (name, backend) in TABLE if name == op)
+
+
+def spec(op: str, backend: str) -> Implementation:
+    """The table entry; a backend without this op is an error that lists the ones that have it."""
+    try:
+        return TABLE[(op, backend)]
+    except KeyError:
+        raise NotImplementedError(
+            f"{op} has no backend={backend!r} implementation; available: {', '.join(backends_for(op))}"
+        ) from None
+
+
+def implementation(op: str, backend: str) -> tuple[Implementation, Callable]:
+    """The table entry and its function (imported once)."""
+    entry = spec(op, backend)
+    fn = _loaded.get((op, backend))
+    if fn is None:
+        fn = _loaded[(op, backend)] = entry.load()
+    return entry, fn
