@@ -5,6 +5,7 @@ An unavailable backend is always an error that says why; there is no silent fall
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
@@ -12,11 +13,35 @@ import torch
 
 from ff_kernels._options import BACKENDS, check_choice
 
+# The Triton releases whose autotuner conventions the kernels were checked against (pyproject's ``triton`` extra).
+TRITON_SUPPORTED = ((3, 0), (3, 10))
+
+
+def triton_version_reason(version: str) -> str | None:
+    """None for a supported Triton release; otherwise why not, and what to install."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # a source build with a custom version string: trust it
+    low, high = TRITON_SUPPORTED
+    if low <= major_minor < high:
+        return None
+    return (
+        f"Triton {version} is outside the supported range {low[0]}.{low[1]} to {high[0]}.{high[1] - 1} "
+        f"(pip install 'ff-kernels[triton]')"
+    )
+
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run on ``device``; otherwise the reason, for the error message."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
+    try:
+        reason = triton_version_reason(importlib.metadata.version("triton"))
+    except importlib.metadata.PackageNotFoundError:
+        reason = None
+    if reason is not None:
+        return reason
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from ff_kernels import optim
 from ff_kernels._options import check_step_options
 from ff_kernels.ops import triton_step
+from ff_kernels.ops.scaling import coefficient_scale
 from ff_kernels.ops.torch_step import loss_and_coefficient
 from ff_kernels.ops.triton_step import ff_linear_forward_triton, ff_linear_step_triton
 from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref, input_scale_ref
@@ -314,11 +315,90 @@ def test_fp16_row_coefficients_do_not_underflow():
     assert _max_error(out.grad_weight, exact.grad_weight) <= 2e-3 * scale
 
 
+def _low_precision_floor(out, truth):
+    """The absolute floor of the low-precision rule against a float64 truth: one final rounding of the largest
+    value at the output's own dtype."""
+    if out.dtype in (torch.bfloat16, torch.float16):
+        return 0.5 * torch.finfo(out.dtype).eps * _max_abs(truth)
+    return 1e-6 * _max_abs(truth)
+
+
+def assert_low_precision_rule(out, truth, same_precision, fields=FIELDS):
+    """FlashAttention's rule against a float64 truth: every output's error <= 2x the error of the same computation
+    in PyTorch at the input precision, plus one final rounding of the output; and every output finite."""
+    for name in fields:
+        a, r, low = getattr(out, name), getattr(truth, name), getattr(same_precision, name)
+        if r is None:
+            assert a is None, name
+            continue
+        assert bool(a.isfinite().all()), name
+        allowed = 2.0 * _max_error(low, r) + _low_precision_floor(a, r)
+        assert _max_error(a, r) <= allowed, (name, _max_error(a, r), allowed)
+
+
+def _truth64(x_pos, x_neg, w, b, opts, off_pos=None, off_neg=None):
+    """The contract evaluated in float64 on the (already rounded) low-precision inputs."""
+    return ff_linear_step_ref(
+        x_pos.double(), x_neg.double(), w.double(), None if b is None else b.double(), opts, off_pos, off_neg
+    )
+
+
+def _near_zero_row_inputs():
+    """fp16 inputs where negative row 3 of x is nearly zero (r_3 = 1/(||x_3|| + eps), about 1e4) and the bias is 20:
+    h_3j is about 20 and row 3's c is the largest of the batch (a confidently wrong negative), so the product
+    c_3 r_3 h_3j / 2^s is about 1e5, beyond fp16's 65504."""
+    x_pos, x_neg, w, b, _, _ = make_inputs(37, 29, 45, 23, dtype=torch.float16)
+    x_neg[3] = (1e-6 * torch.randn(45, generator=torch.Generator().manual_seed(1))).to(x_neg)
+    b.fill_(20.0)
+    return x_pos, x_neg, w, b
+
+
+def test_fp16_near_zero_row_with_large_bias_gradients():
+    """GEMM 2 scales x by r_i (|r_i x_ik| <= 1) and h by c_i / 2^s (<= |h_ij|): neither operand can overflow, so
+    the gradients stay finite and within the low-precision rule (scaling r into the h tile gave inf and NaN)."""
+    x_pos, x_neg, w, b = _near_zero_row_inputs()
+    opts = step_options(23)
+    out = ff_linear_step_triton(x_pos, x_neg, w, b, opts)
+    same_precision = ff_linear_step_ref(x_pos, x_neg, w, b, opts, upcast=False)
+    assert bool(same_precision.grad_weight.isfinite().all())  # PyTorch's own fp16 step holds here
+    assert_low_precision_rule(out, _truth64(x_pos, x_neg, w, b, opts), same_precision)
+
+
+def test_fp16_near_zero_row_with_large_bias_sgd_update():
+    """The fused update of the same step: finite fp16 weights, within one rounding plus lr times the gradient
+    rule of the float64 step."""
+    x_pos, x_neg, w, b = _near_zero_row_inputs()
+    opts = step_options(23)
+    w0, b0 = w.clone(), b.clone()
+    truth = _truth64(x_pos, x_neg, w0, b0, opts)
+    same_precision = ff_linear_step_ref(x_pos, x_neg, w0, b0, opts, upcast=False)
+    lr = 0.5
+    ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.SGD([w, b], lr=lr))
+    for p, p0, name in ((w, w0, "grad_weight"), (b, b0, "grad_bias")):
+        assert bool(p.isfinite().all()), name
+        grad, low = getattr(truth, name), getattr(same_precision, name)
+        expected = p0.double() - lr * grad
+        allowed = 2.0**-11 * expected.abs() + lr * (2.0 * _max_error(low, grad) + _low_precision_floor(low, grad))
+        assert bool(((p.double() - expected).abs() <= allowed).all()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_many_rows_low_precision(dtype):
+    """M = 1203 rows (38 row tiles of 32 under the interpreter, 19 of 64 on a GPU), odd K and N: every output
+    within the low-precision rule of the float64 truth."""
+    rows_pos, rows_neg, k, n = 611, 592, 41, 23
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(rows_pos, rows_neg, k, n, dtype=dtype, offsets=True)
+    opts = step_options(n)
+    out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, off_pos, off_neg)
+    same_precision = ff_linear_step_ref(x_pos, x_neg, w, b, opts, off_pos, off_neg, upcast=False)
+    assert_low_precision_rule(out, _truth64(x_pos, x_neg, w, b, opts, off_pos, off_neg), same_precision)
+
+
 def test_coefficient_scale_is_a_power_of_two_bound():
     cases = (("logistic", 4.0, 25000, 25000), ("symba", -3.0, 7, 7), ("symba", 0.0, 3, 3))
     for loss, alpha, rows_pos, rows_neg in cases:
         opts = step_options(500, loss=loss, alpha=alpha)
-        scale = triton_step._coefficient_scale(opts, rows_pos, rows_neg)
+        scale = coefficient_scale(opts, rows_pos, rows_neg)
         mantissa, _ = math.frexp(scale)
         assert mantissa == 0.5
         bound = 2 * opts.kappa * (abs(alpha) if loss == "symba" else 1.0) / (rows_pos if loss == "symba" else 50000)

@@ -4,8 +4,8 @@ Layout follows Liger-Kernel's ``ops/<op>.py``: Triton kernels, then launchers, t
 ops (so ``torch.compile(fullgraph=True)`` sees opaque ops with fake implementations), then the two thin functions
 that ``ff_kernels.functional`` calls on already-checked inputs.
 
-1. ``_ff_forward_kernel`` (GEMM 1). The positive and negative batches are never concatenated: the grid's row tiles
-   are split between them (tiles ``[0, cdiv(P, BM))`` read ``x_pos``, the rest ``x_neg``), so at most one partly
+1. ``_ff_forward_kernel`` (GEMM 1). The positive and negative batches are never concatenated: the row tiles are
+   split between them (tiles ``[0, cdiv(P, BM))`` read ``x_pos``, the rest ``x_neg``), so at most one partly
    filled tile is added. The same K loop that feeds ``tl.dot`` accumulates sum_k x_ik^2 for r_i. The epilogue
    scales by r_i, adds the bias, applies ReLU, stores h (stacked, (P+Q, N), in x's dtype) and writes the tile's
    partial sum_j h_ij^2 to an fp32 (T, M) buffer, T = number of N tiles. No atomics: the reduction over N tiles is
@@ -15,31 +15,39 @@ that ``ff_kernels.functional`` calls on already-checked inputs.
    pairing row j of x_pos with row j of x_neg: one program handles both rows of a pair) and c_i = 2 kappa dL/dg_i.
    Each program writes its partial loss; the 0-dim loss is their (deterministic) sum.
 3. ``_ff_grad_update_kernel`` (GEMM 2): each program owns one (BLOCK_N, BLOCK_K) tile of grad_weight and reduces
-   over all P+Q rows (the positive rows, then the negative rows), scaling the h tile by c_i r_i as it is loaded
-   (neither scaled h nor normalised x exists in memory). Programs with ``pid_k == 0`` also reduce
-   grad_bias = sum_i c_i h_i for their N range. The epilogue either stores the gradients or applies the optimizer
-   update (SGD with momentum/dampening/nesterov/weight decay, Adam, AdamW) in place to the weight tile, the bias
-   slice and their fp32 state, in fp32, rounding the parameter once when it is stored.
+   over all P+Q rows (the positive rows, then the negative rows), forming the operands of ``ops/scaling.py`` as
+   the tiles are loaded: h scaled by c_i / 2^s, x by r_i (neither scaled h nor normalised x exists in memory).
+   Programs with ``pid_k == 0`` also reduce grad_bias = sum_i c_i h_i for their N range. The epilogue either
+   stores the gradients or applies the optimizer update (SGD with momentum/dampening/nesterov/weight decay, Adam,
+   AdamW) in place to the weight tile, the bias slice and their fp32 state, in fp32, rounding the parameter once
+   when it is stored.
 
 Precision: bf16/fp16 operands feed ``tl.dot`` with fp32 accumulation; fp32 operands use TF32 only when PyTorch's
 cuBLAS switch allows it (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``allow_tf32 = True`` and
 ``torch.set_float32_matmul_precision("high")`` also set); "ieee" otherwise, and always exact under the interpreter.
-The GEMM 2 row coefficients are divided by a host-computed power of two bounding |c_i| (exact; undone on the
-fp32 accumulator) so that c_i r_i h_ij does not fall below fp16's normal range (large batches, large inputs).
-Every downcast rounds to nearest even (see ``_cast`` for the interpreter).
+GEMM 2's operands are conditioned as every backend does it (``ff_kernels.ops.scaling``): c_i / 2^s, with 2^s a
+host-computed power of two bounding |c_i| (exact; undone on the fp32 accumulator), goes with h and r_i with x, so
+neither operand overflows fp16 (a nearly zero row of x has r_i near 1/eps) or is pushed towards its subnormal
+range by the batch size. Every downcast rounds to nearest even (see ``_cast`` for the interpreter).
+
+Launches: each custom op runs with the weight's CUDA device current (Triton launches on the current device). The
+grids are one-dimensional (CUDA allows 2^31 - 1 programs on axis 0, 65535 on the others), so any batch fits. The
+autotuner's key is the row count rounded up to a power of two (``M_BUCKET``, so a new batch size re-tunes only
+when it crosses one), N, K and the input precision; its hooks undo the benchmarked in-place updates.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ff_kernels._options import StepOptions
+from ff_kernels.ops.scaling import coefficient_scale
 from ff_kernels.optim import SGD, Adam, FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
@@ -51,8 +59,9 @@ _OPT_NONE, _OPT_SGD, _OPT_ADAM = 0, 1, 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autotune configurations. The interpreter runs one config (it cannot benchmark); on a GPU a small set keyed on
-# (M, N, K) (the autotuner adds the dtypes): square-ish 128/64 tiles for the compute-bound large shapes and
-# 64-wide tiles so that small N*K layers (GEMM 2's grid is N/BN x K/BK) still fill the SMs.
+# (M_BUCKET, N, K, INPUT_PRECISION) (the autotuner adds the dtypes): square-ish 128/64 tiles for the
+# compute-bound large shapes and 64-wide tiles so that small N*K layers (GEMM 2 has N/BN x K/BK programs) still
+# fill the SMs.
 # ---------------------------------------------------------------------------------------------------------------
 if _INTERPRET:
     _FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -71,6 +80,42 @@ else:
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
 _MIN_FORWARD_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _FORWARD_CONFIGS)
+# Argument names; INPUT_PRECISION is a constexpr, which every triton 3.x puts in the key (3.0/3.1 index the key by
+# position among the arguments passed, so every argument before it must be passed: only BLOCK_* are left out).
+_TUNING_KEY = ["M_BUCKET", "N", "K", "INPUT_PRECISION"]
+
+
+class _RestoreInPlace:
+    """Autotuner hooks that undo each benchmarked config's in-place update of the named tensors, skipping None.
+
+    They replace ``restore_value``, which triton 3.0-3.7 applies by cloning every named argument (3.8 skips None),
+    and the optional ones (bias, momentum or Adam state) are None for a plain step, SGD, a layer without bias. The
+    autotuner passes the hooks all arguments by name (triton >= 3.2) or the positional ones (3.0, 3.1): both work.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.arg_names: tuple[str, ...] = ()  # the kernel's, for the positional form; set once it is defined
+        self.copies: dict[str, torch.Tensor] = {}
+
+    def _tensors(self, args: Mapping[str, Any] | Sequence[Any]) -> dict[str, torch.Tensor]:
+        named = args if isinstance(args, Mapping) else dict(zip(self.arg_names, args))
+        return {name: named[name] for name in self.names if named.get(name) is not None}
+
+    def save(self, args: Mapping[str, Any] | Sequence[Any], reset_only: bool = False) -> None:
+        """pre_hook; ``reset_only`` (after tuning, before the real launch) asks only for resets: there are none."""
+        if not reset_only:
+            self.copies = {name: t.clone() for name, t in self._tensors(args).items()}
+
+    def restore(self, args: Mapping[str, Any] | Sequence[Any], exception: BaseException | None = None) -> None:
+        """post_hook, also called when the config failed."""
+        tensors = self._tensors(args)
+        for name, copy in self.copies.items():
+            tensors[name].copy_(copy)
+        self.copies = {}
+
+
+_GRAD_RESTORE = _RestoreInPlace(("w_ptr", "b_ptr", "s1w_ptr", "s2w_ptr", "s1b_ptr", "s2b_ptr"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,8 +222,8 @@ def _forward_tile(
     tl.store(part_ptr + pid_n.to(tl.int64) * M + out_rows, tl.sum(h_sq, axis=1), mask=m_mask)
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=["M", "N", "K"])
-@triton.jit
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _ff_forward_kernel(
     xp_ptr,
     xn_ptr,
@@ -192,6 +237,7 @@ def _ff_forward_kernel(
     M,
     N,
     K,
+    M_BUCKET,
     eps,
     NORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -202,12 +248,15 @@ def _ff_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """GEMM 1 with the row-norm, bias, ReLU and partial-goodness epilogue; grid (N tiles, P tiles + Q tiles).
+    """GEMM 1 with the row-norm, bias, ReLU and partial-goodness epilogue; grid ((P tiles + Q tiles) * N tiles,).
 
-    N tiles vary fastest, so consecutive programs reuse one x row tile while the weight stays in L2.
+    N tiles vary fastest, so consecutive programs reuse one x row tile while the weight stays in L2. ``M_BUCKET``
+    is only the autotuner's key.
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % tiles_n
+    pid_m = pid // tiles_n
     tiles_p = tl.cdiv(P, BLOCK_M)
     if pid_m < tiles_p:
         _forward_tile(
@@ -294,11 +343,12 @@ def _ff_row_kernel(
     mask_n = j < Q
     sum_p = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_n = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(0, T):
-        base = part_ptr + t * M
+    base = part_ptr  # advanced by M per N tile: a pointer, so t * M never overflows int32
+    for _ in range(0, T):
         sum_p += tl.load(base + j, mask=mask_p, other=0.0)
         if STEP:
             sum_n += tl.load(base + P + j, mask=mask_n, other=0.0)
+        base += M
     g_pos = kappa * sum_p
     tl.store(g_ptr + j, g_pos, mask=mask_p)
     if STEP:
@@ -350,7 +400,8 @@ def _grad_rows(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """acc += (c r h)^T x over the ``rows`` rows of one batch, whose h/c/r rows start at stacked row ``h_row0``."""
+    """acc += ((c / 2^s) h)^T (r x) over the ``rows`` rows of one batch, whose h/c/r rows start at stacked row
+    ``h_row0``: |c_i / 2^s| <= 1 and |r_i x_ik| <= 1, so neither low-precision operand can overflow."""
     offs_m = tl.arange(0, BLOCK_M)
     for m0 in range(0, rows, BLOCK_M):
         rr = m0 + offs_m
@@ -362,16 +413,16 @@ def _grad_rows(
             other=0.0,
         )
         c = tl.load(c_ptr + stacked, mask=m_mask, other=0.0)
-        coef = c * coef_inv_scale
-        if NORMALIZE != 0:
-            coef = coef * tl.load(r_ptr + stacked, mask=m_mask, other=0.0)
         x = tl.load(
             x_ptr + rr.to(tl.int64)[:, None] * K + offs_k[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
+        if NORMALIZE != 0:
+            r = tl.load(r_ptr + stacked, mask=m_mask, other=0.0)
+            x = _cast(x.to(tl.float32) * r[:, None], x.dtype, INTERPRET)
         hf = h.to(tl.float32)
-        hs = _cast(hf * coef[:, None], x.dtype, INTERPRET)
+        hs = _cast(hf * (c * coef_inv_scale)[:, None], x.dtype, INTERPRET)
         if INTERPRET:
             acc = tl.dot(tl.trans(hs.to(tl.float32)), x.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -448,12 +499,8 @@ def _adam_update(
     tl.store(p_ptr + offs, _cast(p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.autotune(
-    configs=_GRAD_CONFIGS,
-    key=["M", "N", "K"],
-    restore_value=["w_ptr", "b_ptr", "s1w_ptr", "s2w_ptr", "s1b_ptr", "s2b_ptr"],
-)
-@triton.jit
+@triton.autotune(configs=_GRAD_CONFIGS, key=_TUNING_KEY, pre_hook=_GRAD_RESTORE.save, post_hook=_GRAD_RESTORE.restore)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _ff_grad_update_kernel(
     xp_ptr,
     xn_ptr,
@@ -473,6 +520,7 @@ def _ff_grad_update_kernel(
     M,
     N,
     K,
+    M_BUCKET,
     coef_scale,
     coef_inv_scale,
     lr,
@@ -502,11 +550,14 @@ def _ff_grad_update_kernel(
 ):
     """GEMM 2 over all rows for one weight tile, then the gradient store or the fused in-place update.
 
-    Grid (K tiles, N tiles). s1*/s2* are the state tensors: the SGD momentum buffer (s1) or Adam's exp_avg (s1)
-    and exp_avg_sq (s2), for the weight (w) and the bias (b).
+    Grid (K tiles * N tiles,), K tiles fastest. s1*/s2* are the state tensors: the SGD momentum buffer (s1) or
+    Adam's exp_avg (s1) and exp_avg_sq (s2), for the weight (w) and the bias (b). ``M_BUCKET`` is only the
+    autotuner's key.
     """
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    pid_k = pid % tiles_k
+    pid_n = pid // tiles_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -642,6 +693,9 @@ def _ff_grad_update_kernel(
                 )
 
 
+_GRAD_RESTORE.arg_names = tuple(_ff_grad_update_kernel.arg_names)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -662,6 +716,60 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _tuning_args(rows: int, dtype: torch.dtype) -> tuple[int, str]:
+    """The autotuner's key beyond N and K: the rows rounded up to a power of two (tiles that win at 1000 rows win
+    at 1020; only crossing a power of two re-tunes) and the input precision (TF32 and IEEE fp32 products differ)."""
+    return triton.next_power_of_2(max(rows, 1)), _input_precision(dtype)
+
+
+def _forward_grid(rows_pos: int, rows_neg: int, n: int, meta: dict) -> tuple[int]:
+    """GEMM 1's programs, (P tiles + Q tiles) * N tiles, on axis 0 (2^31 - 1 programs: any batch that fits)."""
+    tiles_m = triton.cdiv(rows_pos, meta["BLOCK_M"]) + triton.cdiv(rows_neg, meta["BLOCK_M"])
+    return (tiles_m * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _grad_grid(n: int, k: int, meta: dict) -> tuple[int]:
+    """GEMM 2's programs, one per weight tile, on axis 0; the rows are a loop inside each program."""
+    return (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _row_launch(rows: int) -> tuple[int, tuple[int]]:
+    """The row kernel's block and grid: up to 1024 rows (or row pairs) per program, on axis 0."""
+    block = max(16, min(1024, triton.next_power_of_2(max(rows, 1))))
+    return block, (triton.cdiv(rows, block),)
+
+
+def _check_rows(x: torch.Tensor, name: str, w: torch.Tensor) -> None:
+    """x must be a contiguous (rows, K) matrix of the weight's dtype on its device (the kernels index it densely)."""
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name} must be (rows, {w.shape[1]}) to match weight {tuple(w.shape)}, got {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"{name} is {x.dtype} but weight is {w.dtype}; the kernels take one dtype")
+    if x.device != w.device:
+        raise ValueError(f"{name} is on {x.device} but weight is on {w.device}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernels index its rows densely)")
+
+
+def _check_layer(w: torch.Tensor, b: torch.Tensor | None) -> None:
+    if w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"weight must be a contiguous (N, K) matrix, got shape {tuple(w.shape)}")
+    if b is not None and (b.shape != (w.shape[0],) or not b.is_contiguous() or b.device != w.device):
+        raise ValueError(f"bias must be a contiguous ({w.shape[0]},) vector on {w.device}, got {tuple(b.shape)}")
+
+
+def _check_state(w: torch.Tensor, b: torch.Tensor | None, **state: torch.Tensor | None) -> None:
+    """Optimizer state: fp32, contiguous, shaped like its parameter (``*_w`` the weight, ``*_b`` the bias)."""
+    for name, s in state.items():
+        param = w if name.endswith("_w") else b
+        if s is None or param is None:
+            continue
+        if s.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 optimizer state, got {s.dtype}")
+        if s.shape != param.shape or not s.is_contiguous() or s.device != param.device:
+            raise ValueError(f"{name} must be contiguous, shaped {tuple(param.shape)} and on {param.device}")
+
+
 def _launch_forward(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -670,11 +778,15 @@ def _launch_forward(
     normalize: str,
     eps: float,
     store_r: bool,
+    names: tuple[str, str] = ("x_pos", "x_neg"),
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
-    """GEMM 1: returns h (P+Q, N), r (P+Q,) or None, the partial sums of squares (T_alloc, P+Q) and T used."""
+    """GEMM 1: returns h (P+Q, N), r (P+Q,) or None, the partial sums of squares (T_alloc, P+Q) and T used.
+
+    ``names`` are the inputs' names in the errors (the forward op passes its one input twice)."""
+    _check_layer(w, b)
+    _check_rows(x_pos, names[0], w)
+    _check_rows(x_neg, names[1], w)
     n, k = w.shape
-    assert x_pos.is_contiguous() and x_neg.is_contiguous() and w.is_contiguous()
-    assert x_pos.shape[1] == k and x_neg.shape[1] == k and x_pos.dtype == x_neg.dtype == w.dtype
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     rows = rows_pos + rows_neg
     device = w.device
@@ -687,10 +799,10 @@ def _launch_forward(
     # An empty batch is never read (its tiles do not exist); pass the other one so no null pointer is seen.
     xp = x_pos if rows_pos else x_neg
     xn = x_neg if rows_neg else x_pos
+    bucket, precision = _tuning_args(rows, x_pos.dtype)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        tiles_m = triton.cdiv(rows_pos, meta["BLOCK_M"]) + triton.cdiv(rows_neg, meta["BLOCK_M"])
-        return (triton.cdiv(n, meta["BLOCK_N"]), tiles_m)
+    def grid(meta: dict) -> tuple[int]:
+        return _forward_grid(rows_pos, rows_neg, n, meta)
 
     _ff_forward_kernel[grid](
         xp,
@@ -705,19 +817,16 @@ def _launch_forward(
         rows,
         n,
         k,
+        bucket,
         eps,
         NORMALIZE=norm_code,
         HAS_BIAS=b is not None,
         STORE_R=r is not None,
-        INPUT_PRECISION=_input_precision(x_pos.dtype),
+        INPUT_PRECISION=precision,
         INTERPRET=_INTERPRET,
     )
     tiles_n = triton.cdiv(n, _ff_forward_kernel.best_config.kwargs["BLOCK_N"])
     return h, r, partials, tiles_n
-
-
-def _row_block(rows: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(max(rows, 1))))
 
 
 def _launch_goodness(partials: torch.Tensor, tiles_n: int, rows: int, kappa: float) -> torch.Tensor:
@@ -725,8 +834,8 @@ def _launch_goodness(partials: torch.Tensor, tiles_n: int, rows: int, kappa: flo
     g = torch.empty((rows,), dtype=torch.float32, device=partials.device)
     if rows == 0:
         return g
-    block = _row_block(rows)
-    _ff_row_kernel[(triton.cdiv(rows, block),)](
+    block, grid = _row_launch(rows)
+    _ff_row_kernel[grid](
         partials,
         g,
         None,
@@ -759,19 +868,15 @@ def _launch_row_step(
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Goodness (P+Q,), coefficients c (P+Q,) and the 0-dim fp32 loss."""
+    """Goodness (P+Q,), coefficients c (P+Q,) and the 0-dim fp32 loss; the rows were checked by ``_check_step``."""
     rows = rows_pos + rows_neg
     device = partials.device
     g = torch.empty((rows,), dtype=torch.float32, device=device)
     c = torch.empty((rows,), dtype=torch.float32, device=device)
-    pairs = max(rows_pos, rows_neg)
-    block = _row_block(pairs)
-    programs = triton.cdiv(pairs, block)
-    loss_parts = torch.empty((programs,), dtype=torch.float32, device=device)
-    symba = opts.loss == "symba"
-    assert rows > 0 and (not symba or rows_pos == rows_neg)
-    inv_rows = 1.0 / (rows_pos if symba else rows)
-    _ff_row_kernel[(programs,)](
+    block, grid = _row_launch(max(rows_pos, rows_neg))
+    loss_parts = torch.empty(grid, dtype=torch.float32, device=device)
+    inv_rows = 1.0 / (rows_pos if opts.loss == "symba" else rows)
+    _ff_row_kernel[grid](
         partials,
         g,
         c,
@@ -793,15 +898,6 @@ def _launch_row_step(
         BLOCK=block,
     )
     return g, c, loss_parts.sum()
-
-
-def _coefficient_scale(opts: StepOptions, rows_pos: int, rows_neg: int) -> float:
-    """A power of two >= max |c_i|: |c_i| <= 2 kappa / (P+Q) for the logistic loss, 2 kappa |alpha| / P for SymBa."""
-    rows = rows_pos if opts.loss == "symba" else rows_pos + rows_neg
-    bound = 2.0 * opts.kappa * (abs(opts.alpha) if opts.loss == "symba" else 1.0) / rows
-    if not bound > 0.0 or not math.isfinite(bound):
-        return 1.0
-    return math.ldexp(1.0, math.frexp(bound)[1])
 
 
 class _Update(NamedTuple):
@@ -841,21 +937,20 @@ def _launch_grad_update(
     coef_scale: float,
     update: _Update,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """GEMM 2: returns (grad_weight, grad_bias) without an update; with one, updates w, b and the state in place."""
+    """GEMM 2: returns (grad_weight, grad_bias) without an update; with one, updates w, b and the state in place
+    (the state was checked by the custom op, which knows its names)."""
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     n, k = w.shape
     grad_w = grad_b = None
     if update.kind == _OPT_NONE:
         grad_w = torch.empty_like(w)
         grad_b = None if b is None else torch.empty_like(b)
-    else:
-        for s in (update.s1w, update.s2w, update.s1b, update.s2b):
-            assert s is None or (s.dtype == torch.float32 and s.is_contiguous())
     xp = x_pos if rows_pos else x_neg
     xn = x_neg if rows_neg else x_pos
+    bucket, precision = _tuning_args(rows_pos + rows_neg, x_pos.dtype)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))
+    def grid(meta: dict) -> tuple[int]:
+        return _grad_grid(n, k, meta)
 
     _ff_grad_update_kernel[grid](
         xp,
@@ -876,6 +971,7 @@ def _launch_grad_update(
         rows_pos + rows_neg,
         n,
         k,
+        bucket,
         coef_scale,
         1.0 / coef_scale,
         update.lr,
@@ -897,10 +993,21 @@ def _launch_grad_update(
         MOMENTUM=update.momentum != 0.0,
         NESTEROV=update.nesterov,
         DECOUPLED=update.decoupled,
-        INPUT_PRECISION=_input_precision(x_pos.dtype),
+        INPUT_PRECISION=precision,
         INTERPRET=_INTERPRET,
     )
     return grad_w, grad_b
+
+
+def _check_step(x_pos: torch.Tensor, x_neg: torch.Tensor, opts: StepOptions) -> None:
+    """What the row step assumes of the batch sizes (checked before anything is launched)."""
+    rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
+    if rows_pos + rows_neg == 0:
+        raise ValueError("x_pos and x_neg are both empty: a step needs at least one row")
+    if opts.loss == "symba" and rows_pos != rows_neg:
+        raise ValueError(
+            f"loss='symba' pairs row i of x_pos with row i of x_neg: x_pos has {rows_pos} rows, x_neg {rows_neg}"
+        )
 
 
 def _step(
@@ -913,12 +1020,14 @@ def _step(
     opts: StepOptions,
     update: _Update,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The three launches of one step: (loss, g, h, grad_weight, grad_bias)."""
+    """The three launches of one step, on the weight's device: (loss, g, h, grad_weight, grad_bias)."""
+    _check_step(x_pos, x_neg, opts)
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
-    h, r, partials, tiles_n = _launch_forward(x_pos, x_neg, w, b, opts.normalize, opts.eps, store_r=True)
-    g, c, loss = _launch_row_step(partials, tiles_n, rows_pos, rows_neg, opts, offset_pos, offset_neg)
-    scale = _coefficient_scale(opts, rows_pos, rows_neg)
-    grad_w, grad_b = _launch_grad_update(x_pos, x_neg, h, c, r, w, b, opts.normalize, scale, update)
+    with torch.cuda.device_of(w):
+        h, r, partials, tiles_n = _launch_forward(x_pos, x_neg, w, b, opts.normalize, opts.eps, store_r=True)
+        g, c, loss = _launch_row_step(partials, tiles_n, rows_pos, rows_neg, opts, offset_pos, offset_neg)
+        scale = coefficient_scale(opts, rows_pos, rows_neg)
+        grad_w, grad_b = _launch_grad_update(x_pos, x_neg, h, c, r, w, b, opts.normalize, scale, update)
     return loss, g, h, grad_w, grad_b
 
 
@@ -967,8 +1076,9 @@ def _options(threshold: float, kappa: float, loss: str, normalize: str, eps: flo
 
 @_custom_op("forward")
 def _forward_op(x, w, b, kappa, normalize, eps):
-    h, _, partials, tiles_n = _launch_forward(x, x[:0], w, b, normalize, eps, store_r=False)
-    return h, _launch_goodness(partials, tiles_n, x.shape[0], kappa)
+    with torch.cuda.device_of(w):  # Triton launches on the current device, not the tensors'
+        h, _, partials, tiles_n = _launch_forward(x, x[:0], w, b, normalize, eps, store_r=False, names=("x", "x"))
+        return h, _launch_goodness(partials, tiles_n, x.shape[0], kappa)
 
 
 @_forward_op.register_fake
@@ -1035,7 +1145,11 @@ def _step_sgd_op(
         first_w=first_w,
         first_b=first_b,
     )
-    assert momentum == 0.0 or (buf_w is not None and (b is None or buf_b is not None))
+    if momentum != 0.0 and buf_w is None:
+        raise ValueError("SGD with momentum needs buf_w, the weight's momentum buffer")
+    if momentum != 0.0 and b is not None and buf_b is None:
+        raise ValueError("SGD with momentum and a bias needs buf_b, the bias's momentum buffer")
+    _check_state(w, b, buf_w=buf_w, buf_b=buf_b)
     out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
     return out_loss, g, h
 
@@ -1114,7 +1228,9 @@ def _step_adam_op(
         step_size_b=step_size_b,
         bc2_sqrt_b=bc2_sqrt_b,
     )
-    assert b is None or (exp_avg_b is not None and exp_avg_sq_b is not None)
+    if b is not None and (exp_avg_b is None or exp_avg_sq_b is None):
+        raise ValueError("Adam with a bias needs exp_avg_b and exp_avg_sq_b, the bias's moments")
+    _check_state(w, b, exp_avg_w=exp_avg_w, exp_avg_sq_w=exp_avg_sq_w, exp_avg_b=exp_avg_b, exp_avg_sq_b=exp_avg_sq_b)
     out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
     return out_loss, g, h
 
