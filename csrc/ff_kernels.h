@@ -2,6 +2,8 @@
 // compile with nvcc alone and the torch binding compiles with the host compiler alone.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -54,6 +56,22 @@ struct StepArgs {
   void* grad_b = nullptr;      // (N,), written when opt.kind == none and b != nullptr
   OptArgs opt;
 };
+
+// GEMM 2's operands are A_i = (c_i / 2^s) h_i and B_i = r_i x_i, and grad_W = 2^s (A^T B) with fp32 accumulation,
+// where 2^s is this power of two >= the analytic bound on |c_i|: 2 kappa / (P + Q) for the logistic loss,
+// 2 kappa |alpha| / P for SymBa. Then |A_ij| <= |h_ij| and |B_ik| <= 1 (sqrt(K) for RMS) whatever the batch size or
+// the row norms, so fp16 operands neither underflow (c_i alone is ~5e-7 at P = Q = 4096) nor overflow (r_i reaches
+// 1/eps), and scaling by 2^s is exact. One definition for the CUDA and CPU operators; ff_kernels/ops/scaling.py
+// applies the same rule.
+inline double coefficient_scale(Loss loss, int64_t rows_pos, int64_t rows_neg, double kappa, double alpha) {
+  const bool symba = loss == Loss::symba;
+  const int64_t rows = std::max<int64_t>(symba ? rows_pos : rows_pos + rows_neg, 1);
+  const double bound = 2.0 * kappa * (symba ? std::fabs(alpha) : 1.0) / static_cast<double>(rows);
+  if (!(bound > 0.0) || !std::isfinite(bound)) return 1.0;
+  int exponent = 0;
+  std::frexp(bound, &exponent);
+  return std::ldexp(1.0, exponent);
+}
 
 // Tile configurations and the workspace the launch needs, chosen for the current device.
 struct Plan {

@@ -16,7 +16,7 @@ import torch
 
 import ff_kernels as ffk
 from ff_kernels._options import check_step_options
-from ff_kernels.ops import cuda_step
+from ff_kernels.ops import cuda_step, torch_step
 from ff_kernels.reference import ff_linear_step_ref
 
 ROWS, IN_FEATURES, OUT_FEATURES = 4096, 784, 500
@@ -150,3 +150,14 @@ def test_fp16_near_zero_row_and_large_bias_stay_finite(backend: str, optimizer: 
     ffk.ff_linear_step(low[0], low[1], *params, **kwargs, optimizer=opt, backend=backend)
     assert all(bool(torch.isfinite(p).all()) for p in params)
     assert not torch.equal(params[0], low[2]), "the weights were not updated"
+
+
+def test_touching_column_slices_are_not_taken_for_a_stacked_batch() -> None:
+    """Two non-contiguous slices whose first addresses meet are not one (P+Q, K) matrix: no view of them.
+    (The public functions pass contiguous inputs; the backends' helper must not rely on that.)"""
+    flat = torch.rand(3000)
+    x_pos = flat.as_strided((20, 37), (50, 1))
+    x_neg = flat.as_strided((20, 37), (50, 1), storage_offset=x_pos.numel())  # starts where a dense x_pos ends
+    assert torch_step.stacked_view(x_pos, x_neg, torch.float32) is None
+    rows = torch.rand(30, 37)
+    assert torch_step.stacked_view(rows[:20], rows[20:], torch.float32).data_ptr() == rows.data_ptr()

@@ -1,12 +1,14 @@
 // CPU implementation of the ff_kernels_ext ops: the closed-form step of ff_kernels/ops/torch_step.py through ATen,
-// op for op (same stacking, same row-coefficient placement, same dtypes), and the optimizer updates of
-// ff_kernels/optim.py, so that the extension is built and tested on machines without a GPU.
+// op for op (same stacking, same operand scaling, same dtypes), and the optimizer updates of ff_kernels/optim.py,
+// so that the extension is built and tested on machines without a GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
 #include <tuple>
+
+#include "../ff_kernels.h"
 
 namespace {
 
@@ -31,7 +33,7 @@ void check_layer(const Tensor& x, const Tensor& w, const OptTensor& b, const cha
               "b must be (", w.size(0), ",) in w's dtype");
 }
 
-// r_i of DESIGN 1.1, or nullopt for normalize="none" (r_i = 1: nothing to apply).
+// r_i of DESIGN 1.1 from the unscaled rows, or nullopt for normalize="none" (r_i = 1: nothing to apply).
 OptTensor input_scale(const Tensor& x, c10::string_view normalize, double eps) {
   if (normalize == "none") return std::nullopt;
   Tensor norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, false, accumulate_type(x.scalar_type()));
@@ -39,10 +41,51 @@ OptTensor input_scale(const Tensor& x, c10::string_view normalize, double eps) {
   return norm.add_(eps).reciprocal_();
 }
 
-// GEMM 1 and its epilogue: h in x's dtype, goodness g in the accumulate type, and the row scale r.
-std::tuple<Tensor, Tensor, OptTensor> forward_stacked(const Tensor& x, const Tensor& w, const OptTensor& b,
-                                                      double kappa, c10::string_view normalize, double eps) {
-  OptTensor r = input_scale(x, normalize, eps);
+// fp16's 5-bit exponent is the only one of our dtypes where c_i r_i h_ij leaves the representable range.
+bool narrow_exponent(at::ScalarType t) { return t == at::kHalf; }
+
+// The (P+Q, K) batch as a view of the inputs when it is one, else nullopt. A previous layer's h_pos and h_neg are
+// adjacent rows of one tensor: then nothing is copied. An empty batch leaves the other one.
+OptTensor stacked_view(const Tensor& x_pos, const Tensor& x_neg) {
+  if (x_pos.size(0) == 0 || x_neg.size(0) == 0) return x_pos.size(0) == 0 ? x_neg : x_pos;
+  const bool adjacent = x_pos.is_contiguous() && x_neg.is_contiguous() &&
+                        x_pos.storage().is_alias_of(x_neg.storage()) &&
+                        static_cast<const char*>(x_pos.const_data_ptr()) + x_pos.nbytes() == x_neg.const_data_ptr();
+  if (!adjacent) return std::nullopt;
+  return x_pos.as_strided({x_pos.size(0) + x_neg.size(0), x_pos.size(1)}, {x_pos.size(1), 1});
+}
+
+// The stacked operand of both GEMMs, and the row scale still to apply to GEMM 1's output (nullopt when the operand
+// already holds r_i x_i). Usually the operand is a fresh buffer and r_i x_i is written in the stacking copy (formed
+// in the accumulate type, rounded once). A view of the caller's tensors cannot be overwritten: wide-exponent dtypes
+// keep it and defer r_i, fp16 pays for a scaled copy.
+std::tuple<Tensor, OptTensor> stack_scaled_rows(const Tensor& x_pos, const Tensor& x_neg, c10::string_view normalize,
+                                                double eps) {
+  if (const OptTensor view = stacked_view(x_pos, x_neg)) {
+    OptTensor r = input_scale(*view, normalize, eps);
+    if (!r || !narrow_exponent(view->scalar_type())) return {*view, r};
+    Tensor x = at::empty_like(*view);
+    at::mul_out(x, *view, r->unsqueeze(1));
+    return {x, std::nullopt};
+  }
+  Tensor x = at::empty({x_pos.size(0) + x_neg.size(0), x_pos.size(1)}, x_pos.options());
+  int64_t row = 0;
+  for (const Tensor* part : {&x_pos, &x_neg}) {
+    Tensor rows = x.narrow(0, row, part->size(0));
+    if (const OptTensor r = input_scale(*part, normalize, eps)) {
+      at::mul_out(rows, *part, r->unsqueeze(1));
+    } else {
+      rows.copy_(*part);
+    }
+    row += part->size(0);
+  }
+  return {x, std::nullopt};
+}
+
+// GEMM 1 and its epilogue on x and the row scale still to apply to its output (nullopt when x already holds
+// r_i x_i, or r_i = 1): h in x's dtype and the goodness g in the accumulate type.
+std::tuple<Tensor, Tensor> forward_stacked(const Tensor& x, const Tensor& w, const OptTensor& b, const OptTensor& r,
+                                           double kappa) {
   Tensor h;
   if (!r && b) {
     h = at::addmm(*b, x, w.t());
@@ -55,7 +98,12 @@ std::tuple<Tensor, Tensor, OptTensor> forward_stacked(const Tensor& x, const Ten
   Tensor g = at::linalg_vector_norm(h, 2, at::IntArrayRef{1}, false, accumulate_type(h.scalar_type()))
                  .square_()
                  .mul_(kappa);
-  return {h, g, r};
+  return {h, g};
+}
+
+// 2^s t in the accumulate type, then `dtype`: the result leaves fp16's range only if the gradient does.
+Tensor unscale(const Tensor& t, double scale, at::ScalarType dtype) {
+  return t.to(accumulate_type(t.scalar_type())).mul_(scale).to(dtype);
 }
 
 // The per-row step (DESIGN 1.5-1.6): the 0-dim loss and c_i = 2 kappa dL/dg_i.
@@ -94,24 +142,33 @@ StepResult step_impl(const Tensor& x_pos, const Tensor& x_neg, const Tensor& w, 
   TORCH_CHECK(rows_pos + x_neg.size(0) > 0, "x_pos and x_neg are both empty");
   TORCH_CHECK(loss_kind != "symba" || (rows_pos == x_neg.size(0) && rows_pos > 0),
               "loss='symba' pairs rows: x_pos and x_neg need the same, non-zero number of rows");
-  const Tensor x = at::cat({x_pos, x_neg});
-  auto [h, g, r] = forward_stacked(x, w, b, kappa, normalize, eps);
+  auto [x, r] = stack_scaled_rows(x_pos, x_neg, normalize, eps);
+  auto [h, g] = forward_stacked(x, w, b, r, kappa);
   auto [loss, c] = loss_and_coefficient(g.narrow(0, 0, rows_pos), g.narrow(0, rows_pos, x_neg.size(0)), offset_pos,
                                         offset_neg, threshold, kappa, loss_kind, alpha);
-  const Tensor row_coef = r ? c * *r : c;
-  // The coefficient goes on the smaller of h (M, N) and x (M, K).
-  Tensor grad_w = h.size(1) <= x.size(1) ? at::mm((h * row_coef.to(h.scalar_type()).unsqueeze(1)).t(), x)
-                                         : at::mm(h.t(), x * row_coef.to(x.scalar_type()).unsqueeze(1));
-  Tensor grad_b = b ? at::mv(h.t(), c.to(h.scalar_type())).to(w.scalar_type()) : at::empty({0}, w.options());
-  return {loss, g, h, grad_w.to(w.scalar_type()), grad_b};
+  // GEMM 2 on (c_i / 2^s) h_i and r_i x_i, unscaled by 2^s in the accumulate type (coefficient_scale, ff_kernels.h).
+  const double scale = ffk::coefficient_scale(loss_kind == "symba" ? ffk::Loss::symba : ffk::Loss::logistic,
+                                              rows_pos, x_neg.size(0), kappa, alpha);
+  const Tensor c_scaled = c.mul(1.0 / scale);
+  Tensor grad_w;
+  if (!r) {
+    grad_w = at::mm((h * c_scaled.to(h.scalar_type()).unsqueeze(1)).t(), x);
+  } else {
+    // Deferred r (a view, wide exponent): c_i r_i / 2^s goes on the smaller of h (M, N) and x (M, K).
+    const Tensor row_coef = (c_scaled * *r).to(h.scalar_type()).unsqueeze(1);
+    grad_w = h.size(1) <= x.size(1) ? at::mm((h * row_coef).t(), x) : at::mm(h.t(), x * row_coef);
+  }
+  Tensor grad_b = b ? unscale(at::mv(h.t(), c_scaled.to(h.scalar_type())), scale, w.scalar_type())
+                    : at::empty({0}, w.options());
+  return {loss, g, h, unscale(grad_w, scale, w.scalar_type()), grad_b};
 }
 
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& w, const OptTensor& b, double kappa,
                                        c10::string_view normalize, double eps, bool /*allow_tf32*/) {
   check_options("logistic", normalize);
   check_layer(x, w, b, "x");
-  auto [h, g, r] = forward_stacked(x, w, b, kappa, normalize, eps);
-  return {h, g};
+  auto [xs, r] = stack_scaled_rows(x, x.narrow(0, 0, 0), normalize, eps);
+  return forward_stacked(xs, w, b, r, kappa);
 }
 
 StepResult step_cpu(const Tensor& x_pos, const Tensor& x_neg, const Tensor& w, const OptTensor& b,

@@ -45,13 +45,13 @@ struct GradParams {
   const void* x_neg;
   const void* h;        // (M, N)
   const float* c;       // (M,) c_i = 2 kappa dL/dg_i
-  const float* r;       // (M,) or nullptr for normalize="none"
+  const float* r;       // (M,) row scales r_i, or nullptr for normalize="none" (r_i = 1)
   void* w;              // updated in place when opt.kind != none
   void* b;              // nullable
   void* grad_w;         // written when opt.kind == none
   void* grad_b;
   int64_t P, M, N, K;
-  float coef_scale;     // a power of two >= max |c_i|: h is scaled by c r / coef_scale (no fp16 underflow)
+  float coef_scale;     // 2^s of coefficient_scale (ff_kernels.h): the operands are c h / 2^s and r x
   OptArgs opt;
 };
 

@@ -3,9 +3,11 @@
 //
 // A block owns one TM x TN tile of W (TM output features by TN input features) and reduces over every row, so the
 // tile's gradient is complete in the block and the update needs no second pass and no gradient in memory. The
-// row coefficients are applied to h in shared memory, after the tile has landed: neither c r h nor the
-// normalised x ever exists in global memory. The blocks of K tile 0 also reduce grad_b = sum_i c_i h_i from the
-// unscaled h they see there.
+// operands are A_i = (c_i / 2^s) h_i and B_i = r_i x_i (coefficient_scale in ff_kernels.h), each formed in fp32
+// and rounded to T once in shared memory after its tile has landed, and the epilogue multiplies the fp32 product by
+// 2^s: c_i r_i h_ij would underflow fp16 at large batches and overflow it where r_i is near 1/eps, while |A| <= |h|
+// and |B| <= 1 (sqrt(K) for RMS). Neither operand ever exists in global memory. The blocks of K tile 0 also reduce
+// grad_b = sum_i c_i h_i in fp32 from the unscaled h they see there.
 //
 // No split over rows: a split needs an fp32 partial tile per split (S N K floats), which at the small layers where
 // it would help (N K ~ 0.4 M, few tiles) exceeds the 5%-of-h budget for the step's extra memory; the 64 x 64
@@ -68,9 +70,9 @@ __global__ void __launch_bounds__(C::THREADS) ff_grad_update_kernel(const GradPa
   // Stage layout: the h tile (TR rows of TM features) then the x tile (TR rows of TN features).
   constexpr int LDH = C::TM + C::PAD, LDX = C::TN + C::PAD;
   constexpr int H_ELEMS = C::TR * LDH, STAGE_ELEMS = C::TR * (LDH + LDX);
-  // Scaling pass: thread -> one feature column of the h tile and every RG-th row of the chunk.
+  // Scaling pass: thread -> one column of the h tile and the same column of the x tile, every RG-th row.
   constexpr int RG = C::THREADS / C::TM;
-  static_assert(RG >= 1 && C::THREADS % C::TM == 0 && C::TM % 32 == 0, "scaling pass mapping");
+  static_assert(RG >= 1 && C::THREADS % C::TM == 0 && C::TM % 32 == 0 && C::TN == C::TM, "scaling pass mapping");
 
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float gb_s[RG][C::TM];
@@ -121,22 +123,27 @@ __global__ void __launch_bounds__(C::THREADS) ff_grad_update_kernel(const GradPa
     if (prefetch < row_tiles) load_stage(prefetch % C::STAGES, prefetch);
     cp_async_commit();
 
-    // h_ij -> c_i r_i h_ij / coef_scale in place (and grad_b += c_i h_ij). Zero-filled rows past M stay zero.
+    // In place: h_ij -> (c_i / 2^s) h_ij (and grad_b += c_i h_ij), x_ik -> r_i x_ik. Rows past M stay zero.
     T* Hs = stages + (rt % C::STAGES) * STAGE_ELEMS;
+    T* Xs = Hs + H_ELEMS;
     const int64_t i0 = static_cast<int64_t>(rt) * C::TR;
+    const int rows = static_cast<int>(M - i0 < C::TR ? M - i0 : C::TR);
+    const float* c_rows = p.c + i0;
+    const float* r_rows = p.r != nullptr ? p.r + i0 : nullptr;
 #pragma unroll 4
-    for (int r = rg; r < C::TR; r += RG) {
-      const int64_t i = i0 + r;
-      if (i >= M) break;
-      const float c = __ldg(p.c + i);  // every lane of the warp reads the same row: one broadcast load
-      const float coef = c * (p.r != nullptr ? __ldg(p.r + i) : 1.f) * inv_scale;
-      T& e = Hs[r * LDH + col];
-      const float hv = to_float(e);
+    for (int r = rg; r < rows; r += RG) {
+      const float c = __ldg(c_rows + r);  // every lane of the warp reads the same row: one broadcast load
+      T& he = Hs[r * LDH + col];
+      const float hv = to_float(he);
       if (bias_tile) gb = fmaf(c, hv, gb);
-      e = from_float<T>(hv * coef);
+      he = from_float<T>(hv * (c * inv_scale));
+      if (r_rows != nullptr) {
+        T& xe = Xs[r * LDX + col];
+        xe = from_float<T>(to_float(xe) * __ldg(r_rows + r));
+      }
     }
     __syncthreads();
-    mma.template step<false, true>(Hs, LDH, Hs + H_ELEMS, LDX);
+    mma.template step<false, true>(Hs, LDH, Xs, LDX);
   }
   cp_async_wait<0>();
   __syncthreads();

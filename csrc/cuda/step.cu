@@ -3,7 +3,6 @@
 // Also the planning: tile configuration and copy width per problem, and the workspace layout.
 #include <algorithm>
 #include <climits>
-#include <cmath>
 #include <cstdint>
 
 #include "common.cuh"
@@ -160,18 +159,6 @@ Workspace workspace_layout(const StepArgs& a, const Plan& plan) {
   return w;
 }
 
-// A power of two >= max |c_i| (|c_i| <= 2 kappa max(|alpha|, 1) / rows): dividing by it is exact and keeps
-// c_i r_i h_ij from underflowing in fp16 when the batch is large.
-float coefficient_scale(const StepArgs& a) {
-  const bool symba = a.loss == Loss::symba;
-  const double rows = static_cast<double>(symba ? a.P : a.P + a.Q);
-  const double bound = 2.0 * a.kappa * (symba ? std::fabs(a.alpha) : 1.0) / rows;
-  if (!(bound > 0.0) || !std::isfinite(bound)) return 1.f;
-  int exponent = 0;
-  std::frexp(bound, &exponent);
-  return static_cast<float>(std::ldexp(1.0, exponent));
-}
-
 }  // namespace
 
 void cfg_tile(int cfg, int* tm, int* tn) {
@@ -279,7 +266,7 @@ int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stre
   gp.M = M;
   gp.N = a.N;
   gp.K = a.K;
-  gp.coef_scale = coefficient_scale(a);
+  gp.coef_scale = static_cast<float>(coefficient_scale(a.loss, a.P, a.Q, a.kappa, a.alpha));
   gp.opt = a.opt;
   return launch_grad(gp, a.dtype, a.allow_tf32, plan.grad_cfg, plan.vec_grad, device, stream);
 }

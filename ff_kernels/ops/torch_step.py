@@ -44,6 +44,15 @@ def forward_stacked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM 1 and its epilogue on x and the row scale still to apply to its output (None when x already holds
     r_i x_i, or r_i = 1): returns h (M, N) in x's dtype and the goodness g (M,) in fp32."""
+    h = affine_relu(x, weight, bias, r)
+    g = torch.linalg.vector_norm(h, dim=1, dtype=accumulate_dtype(h.dtype)).square_().mul_(kappa)
+    return h, g
+
+
+def affine_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r: torch.Tensor | None
+) -> torch.Tensor:
+    """h = relu(r_i (x_i W^T) + b), GEMM 1 without the goodness (``r`` as in :func:`forward_stacked`)."""
     if r is None and bias is not None:
         h = torch.addmm(bias, x, weight.t())
     else:
@@ -52,9 +61,7 @@ def forward_stacked(
             h.mul_(r.to(h.dtype).unsqueeze(1))
         if bias is not None:
             h.add_(bias)
-    h.relu_()
-    g = torch.linalg.vector_norm(h, dim=1, dtype=accumulate_dtype(h.dtype)).square_().mul_(kappa)
-    return h, g
+    return h.relu_()
 
 
 def loss_and_coefficient(
@@ -92,6 +99,8 @@ def stacked_view(x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype) -
         return None
     if x_pos.shape[0] == 0 or x_neg.shape[0] == 0:
         return x_neg if x_pos.shape[0] == 0 else x_pos
+    if not (x_pos.is_contiguous() and x_neg.is_contiguous()):
+        return None
     adjacent = x_neg.data_ptr() == x_pos.data_ptr() + x_pos.numel() * x_pos.element_size()
     if adjacent and x_pos.untyped_storage().data_ptr() == x_neg.untyped_storage().data_ptr():
         return x_pos.as_strided((x_pos.shape[0] + x_neg.shape[0], x_pos.shape[1]), (x_pos.shape[1], 1))
