@@ -51,7 +51,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def triton_ops_available() -> bool:
     """Whether this build ships the Triton op module (added by the fused-kernel work)."""
-    return importlib.util.find_spec("ff_kernels.ops.triton_step") is not None
+    return importlib.util.find_spec("ff_kernels.ops.triton.ops") is not None
 
 
 def cuda_unavailable_reason(device: torch.device) -> str | None:

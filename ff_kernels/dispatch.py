@@ -33,13 +33,13 @@ class Implementation:
 TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
     ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
-    ("linear_step", "triton"): Implementation("ff_kernels.ops.triton_step:ff_linear_step_triton", fuses_update=True),
+    ("linear_step", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_step_triton", fuses_update=True),
     ("linear_step", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True),
     ("linear_forward", "reference"): Implementation("ff_kernels.reference:ff_linear_forward_ref"),
     ("linear_forward", "torch"): Implementation(
         "ff_kernels.ops.torch_step:ff_linear_forward_torch", compute_dtype=True
     ),
-    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton_step:ff_linear_forward_triton"),
+    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_forward_triton"),
     ("linear_forward", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_forward_cuda"),
 }
 

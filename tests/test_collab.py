@@ -17,7 +17,7 @@ from ff_kernels.ops.cuda_step import extension_unavailable_reason
 from ff_kernels.reference import ff_linear_forward_ref, ff_loss_ref
 
 BACKENDS = ["torch"]
-if importlib.util.find_spec("ff_kernels.ops.triton_step") is not None and importlib.util.find_spec("triton"):
+if importlib.util.find_spec("ff_kernels.ops.triton.ops") is not None and importlib.util.find_spec("triton"):
     BACKENDS.append("triton")
 if extension_unavailable_reason("cpu") is None:
     BACKENDS.append("cuda")

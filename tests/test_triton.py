@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from ff_kernels import optim
 from ff_kernels._options import check_step_options
-from ff_kernels.ops import triton_step
 from ff_kernels.ops.scaling import coefficient_scale
 from ff_kernels.ops.torch_step import loss_and_coefficient
-from ff_kernels.ops.triton_step import ff_linear_forward_triton, ff_linear_step_triton
+from ff_kernels.ops.triton import common
+from ff_kernels.ops.triton.ops import ff_linear_forward_triton, ff_linear_step_triton
 from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref, input_scale_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -467,7 +467,7 @@ def test_torch_compile_fullgraph():
 def test_interpreter_uses_single_config():
     if DEVICE == "cuda":
         pytest.skip("only meaningful under the interpreter")
-    assert len(triton_step._FORWARD_CONFIGS) == 1 and len(triton_step._GRAD_CONFIGS) == 1
+    assert len(common.FORWARD_CONFIGS) == 1 and len(common.GRAD_CONFIGS) == 1
 
 
 @CUDA_ONLY
@@ -519,9 +519,9 @@ def test_tf32_follows_torch_switch(api):
             matmul.allow_tf32 = True
         else:
             matmul.fp32_precision = "tf32"
-        assert triton_step._input_precision(torch.float32) == "tf32"
+        assert common.input_precision(torch.float32) == "tf32"
         matmul.fp32_precision = "ieee"
-        assert triton_step._input_precision(torch.float32) == "ieee"
-        assert triton_step._input_precision(torch.bfloat16) == "tf32"
+        assert common.input_precision(torch.float32) == "ieee"
+        assert common.input_precision(torch.bfloat16) == "tf32"
     finally:
         matmul.allow_tf32 = saved == "tf32"  # the legacy setter leaves both APIs readable for later tests

@@ -17,7 +17,7 @@ import triton
 
 from ff_kernels import backends, optim
 from ff_kernels._options import check_step_options
-from ff_kernels.ops import triton_step
+from ff_kernels.ops.triton import common, forward_gemm, grad_update_gemm, ops, row_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRID_X_MAX = 2**31 - 1  # CUDA's limit on gridDim.x; y and z stop at 65535
@@ -61,13 +61,13 @@ class _LaunchProbe:
 def _run_path(path, x_pos, x_neg, w, b):
     opts = _options(w.shape[0])
     if path == "forward":
-        triton_step.ff_linear_forward_triton(x_pos, w, b, kappa=opts.kappa, normalize="l2", eps=1e-4)
+        ops.ff_linear_forward_triton(x_pos, w, b, kappa=opts.kappa, normalize="l2", eps=1e-4)
     elif path == "step":
-        triton_step.ff_linear_step_triton(x_pos, x_neg, w, b, opts)
+        ops.ff_linear_step_triton(x_pos, x_neg, w, b, opts)
     elif path == "sgd":
-        triton_step.ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.SGD([w, b], lr=0.1, momentum=0.9))
+        ops.ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.SGD([w, b], lr=0.1, momentum=0.9))
     else:
-        triton_step.ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.Adam([w, b], lr=1e-2))
+        ops.ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.Adam([w, b], lr=1e-2))
 
 
 @pytest.mark.parametrize("path,kernels", [("step", 3), ("sgd", 3), ("adam", 3), ("forward", 2)])
@@ -88,8 +88,12 @@ def test_every_launch_runs_on_the_weight_device(path, kernels, monkeypatch):
             return self.inner.__exit__(*exc)
 
     monkeypatch.setattr(torch.cuda, "device_of", RecordingDeviceOf)
-    for name in ("_ff_forward_kernel", "_ff_row_kernel", "_ff_grad_update_kernel"):
-        monkeypatch.setattr(triton_step, name, _LaunchProbe(getattr(triton_step, name), name, current, launches))
+    for module, name in (
+        (forward_gemm, "ff_forward_kernel"),
+        (row_loss, "ff_row_kernel"),
+        (grad_update_gemm, "ff_grad_update_kernel"),
+    ):
+        monkeypatch.setattr(module, name, _LaunchProbe(getattr(module, name), name, current, launches))
     x_pos, x_neg, w, b = _inputs()
     _run_path(path, x_pos, x_neg, w, b)
     assert len(launches) == kernels, launches
@@ -123,8 +127,8 @@ def _blocks(configs):
 @pytest.mark.parametrize("rows_pos,rows_neg", [(5 * 10**6, 5 * 10**6), (10**7, 0), (0, 10**7), (3, 10**7 - 3)])
 @pytest.mark.parametrize("n", [1, 500, 4096])
 def test_forward_grid_fits_cuda_limits_at_ten_million_rows(rows_pos, rows_neg, n):
-    for meta in _blocks(triton_step._FORWARD_CONFIGS):
-        grid = triton_step._forward_grid(rows_pos, rows_neg, n, meta)
+    for meta in _blocks(common.FORWARD_CONFIGS):
+        grid = forward_gemm.forward_grid(rows_pos, rows_neg, n, meta)
         _assert_fits_cuda(grid)
         tiles_m = -(-rows_pos // meta["BLOCK_M"]) + -(-rows_neg // meta["BLOCK_M"])
         assert _product(grid) == tiles_m * -(-n // meta["BLOCK_N"]), (meta, grid)
@@ -134,15 +138,15 @@ def test_forward_grid_fits_cuda_limits_at_ten_million_rows(rows_pos, rows_neg, n
 def test_grad_grid_fits_cuda_limits(n, k):
     """GEMM 2's grid covers the weight's tiles only (it loops over the rows), so M never enters it; N of 10^5 with
     the smallest blocks would still overflow a second axis."""
-    for meta in _blocks(triton_step._GRAD_CONFIGS):
-        grid = triton_step._grad_grid(n, k, meta)
+    for meta in _blocks(common.GRAD_CONFIGS):
+        grid = grad_update_gemm.grad_grid(n, k, meta)
         _assert_fits_cuda(grid)
         assert _product(grid) == -(-n // meta["BLOCK_N"]) * -(-k // meta["BLOCK_K"]), (meta, grid)
 
 
 @pytest.mark.parametrize("rows", [1, 1000, 10**7, 10**9])
 def test_row_grid_fits_cuda_limits(rows):
-    block, grid = triton_step._row_launch(rows)
+    block, grid = row_loss.row_launch(rows)
     _assert_fits_cuda(grid)
     assert grid[0] * block >= rows and (grid[0] - 1) * block < rows
 
@@ -153,26 +157,26 @@ def test_row_grid_fits_cuda_limits(rows):
 # ---------------------------------------------------------------------------------------------------------------
 def _tuning_key(kernel, rows, n, k, dtype):
     """The tuple the autotuner builds from its key names (before the dtypes it appends)."""
-    bucket, precision = triton_step._tuning_args(rows, dtype)
+    bucket, precision = common.tuning_args(rows, dtype)
     values = {"M_BUCKET": bucket, "N": n, "K": k, "INPUT_PRECISION": precision}
     return tuple(values[name] for name in kernel.keys)
 
 
-@pytest.mark.parametrize("kernel", ["_ff_forward_kernel", "_ff_grad_update_kernel"])
+@pytest.mark.parametrize("kernel", ["forward", "grad_update"])
 def test_autotune_key_buckets_rows_and_holds_input_precision(kernel, monkeypatch):
-    kernel = getattr(triton_step, kernel)
+    kernel = forward_gemm.ff_forward_kernel if kernel == "forward" else grad_update_gemm.ff_grad_update_kernel
     assert set(kernel.keys) == {"M_BUCKET", "N", "K", "INPUT_PRECISION"}
     assert set(kernel.keys) <= set(kernel.arg_names)
-    monkeypatch.setattr(triton_step, "_tf32_allowed", lambda: False)
+    monkeypatch.setattr(common, "tf32_allowed", lambda: False)
     ieee = _tuning_key(kernel, 1000, 500, 784, torch.float32)
     for rows in (513, 1020, 1024):
         assert _tuning_key(kernel, rows, 500, 784, torch.float32) == ieee, rows
     assert ieee != _tuning_key(kernel, 1025, 500, 784, torch.float32)
     assert ieee != _tuning_key(kernel, 1000, 500, 785, torch.float32)
-    monkeypatch.setattr(triton_step, "_tf32_allowed", lambda: True)
+    monkeypatch.setattr(common, "tf32_allowed", lambda: True)
     tf32 = _tuning_key(kernel, 1000, 500, 784, torch.float32)
     assert tf32 != ieee and tf32 == _tuning_key(kernel, 1020, 500, 784, torch.float32)
-    assert triton_step._tuning_args(0, torch.bfloat16)[0] == triton_step._tuning_args(1, torch.bfloat16)[0] == 1
+    assert common.tuning_args(0, torch.bfloat16)[0] == common.tuning_args(1, torch.bfloat16)[0] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ def test_autotune_key_buckets_rows_and_holds_input_precision(kernel, monkeypatch
 # positional arguments, 3.2 and later a dict of all arguments by name.
 # ---------------------------------------------------------------------------------------------------------------
 def _grad_kernel_args(**tensors):
-    names = triton_step._ff_grad_update_kernel.arg_names
+    names = grad_update_gemm.ff_grad_update_kernel.arg_names
     named = {name: tensors.get(name, 0) for name in names if not name.startswith("BLOCK_")}
     return named
 
@@ -193,7 +197,7 @@ def test_autotune_restore_hooks_skip_missing_pointers(form):
     saved = (w.clone(), s1w.clone(), s2w.clone())
     named = _grad_kernel_args(w_ptr=w, b_ptr=None, s1w_ptr=s1w, s2w_ptr=s2w, s1b_ptr=None, s2b_ptr=None)
     args = named if form == "named" else tuple(named.values())
-    hooks = triton_step._GRAD_RESTORE
+    hooks = grad_update_gemm.GRAD_RESTORE
     hooks.save(args)
     for t in (w, s1w, s2w):
         t.add_(1.0)
@@ -214,7 +218,7 @@ def test_autotuning_the_fused_update_applies_it_once(monkeypatch):
     """Triton's own autotuner benchmarks two configs of the in-place SGD step of a layer without bias (bias and
     state pointers None), with a stub timer that runs each config once: the hooks undo both trial runs, so the
     weight and momentum equal one untuned step; the second step reuses the tuned config."""
-    kernel = triton_step._ff_grad_update_kernel
+    kernel = grad_update_gemm.ff_grad_update_kernel
     runs = []
 
     def bench(kernel_call, quantiles):
@@ -223,7 +227,7 @@ def test_autotuning_the_fused_update_applies_it_once(monkeypatch):
         return [float(len(runs))] * len(quantiles)
 
     blocks = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
-    hooks = triton_step._GRAD_RESTORE
+    hooks = grad_update_gemm.GRAD_RESTORE
     try:
         tuned = triton.autotune(
             [triton.Config(b, num_warps=4, num_stages=1) for b in blocks],
@@ -239,10 +243,10 @@ def test_autotuning_the_fused_update_applies_it_once(monkeypatch):
     w_tuned = w.clone()
     opt, opt_tuned = optim.SGD([w], lr=0.5, momentum=0.9), optim.SGD([w_tuned], lr=0.5, momentum=0.9)
     for step in range(2):
-        triton_step.ff_linear_step_triton(x_pos, x_neg, w, None, opts, optimizer=opt)
+        ops.ff_linear_step_triton(x_pos, x_neg, w, None, opts, optimizer=opt)
         with monkeypatch.context() as patch:
-            patch.setattr(triton_step, "_ff_grad_update_kernel", tuned)
-            triton_step.ff_linear_step_triton(x_pos, x_neg, w_tuned, None, opts, optimizer=opt_tuned)
+            patch.setattr(grad_update_gemm, "ff_grad_update_kernel", tuned)
+            ops.ff_linear_step_triton(x_pos, x_neg, w_tuned, None, opts, optimizer=opt_tuned)
         assert len(runs) == 2, step
         torch.testing.assert_close(w_tuned, w, rtol=1e-6, atol=1e-7)
         buf, buf_tuned = (o.check_holds("weight", p)["momentum_buffer"] for o, p in ((opt, w), (opt_tuned, w_tuned)))
@@ -250,10 +254,10 @@ def test_autotuning_the_fused_update_applies_it_once(monkeypatch):
 
 
 def test_grad_kernel_uses_none_safe_hooks_not_restore_value():
-    kernel = triton_step._ff_grad_update_kernel
+    kernel = grad_update_gemm.ff_grad_update_kernel
     assert not getattr(kernel, "restore_value", None)
-    assert kernel.pre_hook == triton_step._GRAD_RESTORE.save
-    assert kernel.post_hook == triton_step._GRAD_RESTORE.restore
+    assert kernel.pre_hook == grad_update_gemm.GRAD_RESTORE.save
+    assert kernel.post_hook == grad_update_gemm.GRAD_RESTORE.restore
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,24 +266,24 @@ def test_grad_kernel_uses_none_safe_hooks_not_restore_value():
 def test_launcher_rejects_bad_inputs_by_name():
     x_pos, x_neg, w, b = _inputs()
     with pytest.raises(ValueError, match="x_pos"):
-        triton_step._launch_forward(x_pos.t().contiguous().t(), x_neg, w, b, "l2", 1e-4, store_r=True)
+        forward_gemm.launch_forward(x_pos.t().contiguous().t(), x_neg, w, b, "l2", 1e-4, store_r=True)
     with pytest.raises(ValueError, match="x_neg"):
-        triton_step._launch_forward(x_pos, x_neg[:, :-1].contiguous(), w, b, "l2", 1e-4, store_r=True)
+        forward_gemm.launch_forward(x_pos, x_neg[:, :-1].contiguous(), w, b, "l2", 1e-4, store_r=True)
     with pytest.raises(ValueError, match="weight"):
-        triton_step._launch_forward(x_pos, x_neg, w.t().contiguous().t(), b, "l2", 1e-4, store_r=True)
+        forward_gemm.launch_forward(x_pos, x_neg, w.t().contiguous().t(), b, "l2", 1e-4, store_r=True)
     with pytest.raises(TypeError, match="x_neg"):
-        triton_step._launch_forward(x_pos, x_neg.double(), w, b, "l2", 1e-4, store_r=True)
+        forward_gemm.launch_forward(x_pos, x_neg.double(), w, b, "l2", 1e-4, store_r=True)
     with pytest.raises(ValueError, match="bias"):
-        triton_step._launch_forward(x_pos, x_neg, w, b[:-1], "l2", 1e-4, store_r=True)
+        forward_gemm.launch_forward(x_pos, x_neg, w, b[:-1], "l2", 1e-4, store_r=True)
 
 
 def test_custom_ops_reject_bad_inputs_by_name():
     x_pos, x_neg, w, b = _inputs()
     opts = _options(w.shape[0])
     with pytest.raises(ValueError, match="x_pos"):
-        triton_step.ff_linear_step_triton(x_pos[:, ::2], x_neg, w, b, opts)
+        ops.ff_linear_step_triton(x_pos[:, ::2], x_neg, w, b, opts)
     with pytest.raises(ValueError, match="x_pos"):
-        triton_step.ff_linear_step_triton(x_pos, x_neg[:5], w, b, _options(w.shape[0], loss="symba"))
+        ops.ff_linear_step_triton(x_pos, x_neg[:5], w, b, _options(w.shape[0], loss="symba"))
     step_args = (None, None, 2.0, opts.kappa, "logistic", "l2", 1e-4, 4.0)
     with pytest.raises(ValueError, match="buf_w"):
         torch.ops.ff_kernels.triton_step_sgd_(
@@ -302,13 +306,13 @@ def test_input_checks_survive_python_optimize():
     script = textwrap.dedent(
         """
         import torch
-        from ff_kernels.ops import triton_step
+        from ff_kernels.ops.triton import common, forward_gemm, grad_update_gemm, ops, row_loss
         if __debug__:
             raise SystemExit("not running under python -O")
         x_pos, x_neg, w = torch.rand(9, 11), torch.rand(7, 11), torch.randn(5, 11)
         for bad, name in ((x_pos.t().contiguous().t(), "x_pos"), (torch.rand(9, 10), "x_pos")):
             try:
-                triton_step._launch_forward(bad, x_neg, w, None, "l2", 1e-4, store_r=True)
+                forward_gemm.launch_forward(bad, x_neg, w, None, "l2", 1e-4, store_r=True)
             except ValueError as error:
                 assert name in str(error), error
                 print("raised", name)

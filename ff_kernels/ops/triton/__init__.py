@@ -1,0 +1,1 @@
+"""Triton kernels by family (forward GEMM, per-row loss, gradient and update GEMM) and their op registration."""
