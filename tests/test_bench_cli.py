@@ -110,7 +110,8 @@ def test_memory_model_flat_for_ff_linear_for_backprop():
 
 
 def test_memory_measurement_subprocess_returns_positive_numbers():
-    cfg = memory.MemoryConfig("ff_fused", 2, width=256, in_features=256, batch=64, steps=1)
+    # large enough that the step's 1 MiB stacked batch stands out of the allocator's noise (tens of KiB of RSS)
+    cfg = memory.MemoryConfig("ff_fused", 2, width=512, in_features=512, batch=256, steps=1)
     result = memory.measure_subprocess(cfg)
     assert result["peak_bytes"] > 0 and result["working_bytes"] > 0
     assert result["static_exact_bytes"] == memory.model_bytes(cfg)["inputs"] + memory.model_bytes(cfg)["params"] \
