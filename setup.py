@@ -60,7 +60,12 @@ def cuda_sources() -> list[str]:
 # Flags beyond torch's own (its C++ standard, and for nvcc -D__CUDA_NO_HALF_CONVERSIONS__ and friends: the kernels
 # convert explicitly). No --use_fast_math: the loss and the optimizer step need IEEE exp, log, sqrt and division.
 NVCC_FLAGS = ["-O3"]
-CXX_FLAGS = ["-O3"]
+# OpenMP: at::parallel_for in the CPU operator's passes is an inline OpenMP loop, serial unless compiled with it.
+# On Linux torch ships libgomp and the extension binds to that copy (same soname), so there is one thread pool.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+# As torch's own build: ATen's vector headers (the CPU operator's passes) carry CUDA unroll pragmas GCC does not know,
+# and GCC 12 takes the deliberately undefined vectors of its AVX-512 intrinsics for uninitialised ones.
+CXX_FLAGS = ["-O3", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *OPENMP_FLAGS]
 
 
 def _extension(force: bool | None):
@@ -96,9 +101,12 @@ def _extension(force: bool | None):
             cpu_sources() + cuda_sources(),
             define_macros=[("FF_KERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     else:
-        ext = cpp_extension.CppExtension("ff_kernels._C", cpu_sources(), extra_compile_args={"cxx": CXX_FLAGS})
+        ext = cpp_extension.CppExtension(
+            "ff_kernels._C", cpu_sources(), extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP_FLAGS
+        )
 
     class BuildExt(cpp_extension.BuildExtension):
         """torch's build command; unless forced, a failed build leaves a working pure-Python install."""

@@ -73,12 +73,12 @@ inline double coefficient_scale(Loss loss, int64_t rows_pos, int64_t rows_neg, d
   return std::ldexp(1.0, exponent);
 }
 
-// Tile configurations and the workspace the launch needs, chosen for the current device.
+// Tile configurations and the workspace the launch needs, chosen for the current device (cuda/plan.h).
 struct Plan {
   int forward_cfg = 0;
   int grad_cfg = 0;
-  int vec_forward = 0;  // bytes per global->shared copy (16, 8, 4 or the element size)
-  int vec_grad = 0;
+  int vec_forward = 0;  // GEMM 1's bytes per global->shared copy (16, 8, 4; 0: aligned spans realigned in smem)
+  int grad_split = 1;   // GEMM 2's blocks per output tile, each over a range of rows
   int64_t n_tiles = 0;  // GEMM 1 tiles along N: rows of the partial sum-of-squares buffer
   size_t workspace_bytes = 0;
 };

@@ -7,6 +7,7 @@ below it trust their inputs. Messages always name the offending argument.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ GOODNESS = ("mean", "sum")
 LOSSES = ("logistic", "symba")
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -61,6 +63,22 @@ def check_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise ValueError(f"weight must have shape (out_features, in_features); got {tuple(weight.shape)}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have at least one row and one column; got {tuple(weight.shape)}")
+    _check_parameters(weight, bias)
+
+
+def check_conv_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _check_float_tensor("weight", weight)
+    if weight.dim() != 4:
+        raise ValueError(
+            "weight must have shape (out_channels, in_channels, kernel_height, kernel_width); "
+            f"got {tuple(weight.shape)}"
+        )
+    if 0 in weight.shape:
+        raise ValueError(f"weight must have no empty dimension; got {tuple(weight.shape)}")
+    _check_parameters(weight, bias)
+
+
+def _check_parameters(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous (the fused update writes it in place); call .contiguous()")
     if bias is None:
@@ -90,6 +108,37 @@ def check_input(
         raise ValueError(
             f"{name} has {x.shape[1]} features but weight expects in_features={weight.shape[1]}"
         )
+    return _check_batch(name, x, weight, check_finite, compute_dtype)
+
+
+def check_image_input(
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: ConvGeometry,
+    check_finite: bool,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`check_input` for a (batch, channels, height, width) batch of a convolution, which must leave an
+    output of at least one position."""
+    _check_float_tensor(name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (batch, channels, height, width); got {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name} has {x.shape[1]} channels but weight expects in_channels={weight.shape[1]}")
+    out_h, out_w = geometry.output_size(x.shape[2:], weight.shape[2:])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"{name} images of {x.shape[2]}x{x.shape[3]} are too small for a {weight.shape[2]}x{weight.shape[3]} "
+            f"kernel with padding={geometry.padding}, dilation={geometry.dilation}: the output would be "
+            f"{out_h}x{out_w}"
+        )
+    return _check_batch(name, x, weight, check_finite, compute_dtype)
+
+
+def _check_batch(
+    name: str, x: torch.Tensor, weight: torch.Tensor, check_finite: bool, compute_dtype: torch.dtype | None
+) -> torch.Tensor:
     if x.dtype != weight.dtype and x.dtype != compute_dtype:
         raise TypeError(f"{name} dtype {x.dtype} differs from weight dtype {weight.dtype}; cast one of them")
     if x.device != weight.device:
@@ -97,6 +146,36 @@ def check_input(
     if check_finite:
         _check_finite(name, x)
     return x.contiguous()
+
+
+def check_pos_neg_rows(loss: str, rows_pos: int, rows_neg: int) -> None:
+    """SymBa pairs rows, so it needs P == Q > 0; the logistic loss needs one row in all."""
+    if loss == "symba":
+        if rows_pos != rows_neg:
+            raise ValueError(f"loss='symba' pairs rows: x_pos has {rows_pos} rows but x_neg has {rows_neg}")
+        if rows_pos == 0:
+            raise ValueError("loss='symba' needs at least one pair: x_pos and x_neg are empty")
+    elif rows_pos + rows_neg == 0:
+        raise ValueError("x_pos and x_neg are both empty: the loss over zero rows is undefined")
+
+
+def check_labels(
+    labels: torch.Tensor, rows: int, num_classes: int, weight: torch.Tensor, check_finite: bool
+) -> torch.Tensor:
+    """Class labels, one per row, as int64; with ``check_finite`` their range is checked too (one reduction)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},), one label per sample; got {tuple(labels.shape)}")
+    if labels.device != weight.device:
+        raise ValueError(f"labels is on {labels.device} but weight is on {weight.device}")
+    if check_finite:
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}); got values from {low} to {high}")
+    return labels.to(torch.int64).contiguous()
 
 
 def check_offset(
@@ -137,12 +216,19 @@ def check_step_options(
     alpha: float,
     out_features: int,
 ) -> StepOptions:
+    """The validated options; a training loop passes the same ones at every step, so they are validated once (the
+    key has the numbers' types: True == 1 but a bool is no threshold)."""
+    key = (threshold, type(threshold), goodness, loss, normalize, eps, type(eps), alpha, type(alpha), out_features)
+    try:
+        return _STEP_OPTIONS[key]
+    except (KeyError, TypeError):  # not seen yet, or unhashable (and so about to be refused)
+        pass
     check_choice("goodness", goodness, GOODNESS)
     check_choice("loss", loss, LOSSES)
     check_normalize(normalize, eps)
     for name, value in (("threshold", threshold), ("alpha", alpha)):
         check_finite_number(name, value)
-    return StepOptions(
+    opts = StepOptions(
         threshold=float(threshold),
         goodness=goodness,
         loss=loss,
@@ -150,6 +236,80 @@ def check_step_options(
         eps=float(eps),
         alpha=float(alpha),
         kappa=goodness_scale(goodness, out_features),
+    )
+    if len(_STEP_OPTIONS) < 1024:
+        _STEP_OPTIONS[key] = opts
+    return opts
+
+
+_STEP_OPTIONS: dict[tuple, StepOptions] = {}
+
+
+@dataclass(frozen=True)
+class ClassStepOptions:
+    """The scalar options of a class-goodness step (DESIGN 7), validated. ``kappa`` is 1/(G * positions) for the
+    mean goodness, G = channels (or units) / num_classes."""
+
+    num_classes: int
+    goodness: str
+    temperature: float
+    normalize: str
+    eps: float
+    kappa: float
+
+
+def check_class_options(
+    *, num_classes: int, goodness: str, temperature: float, normalize: str, eps: float, channels: int, positions: int
+) -> ClassStepOptions:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer of at least 2; got {num_classes!r}")
+    if channels % num_classes:
+        raise ValueError(
+            f"weight has {channels} output channels (units), not divisible by num_classes={num_classes}: each class "
+            "needs a group of the same size"
+        )
+    check_choice("goodness", goodness, GOODNESS)
+    check_normalize(normalize, eps)
+    check_finite_number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive; got {temperature!r}")
+    return ClassStepOptions(
+        num_classes=num_classes,
+        goodness=goodness,
+        temperature=float(temperature),
+        normalize=normalize,
+        eps=float(eps),
+        kappa=goodness_scale(goodness, channels // num_classes * positions),
+    )
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """stride, padding and dilation of a convolution (groups = 1), each as (height, width)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def output_size(self, size: Sequence[int], kernel: Sequence[int]) -> tuple[int, int]:
+        """(H', W') as ``F.conv2d`` computes them."""
+        return tuple(
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(size, kernel, self.stride, self.padding, self.dilation)
+        )
+
+
+def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``, as an (h, w) pair (kernel sizes, strides, ...)."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
+        raise ValueError(f"{name} must be an integer >= {minimum} or a pair of them; got {value!r}")
+    return pair
+
+
+def check_conv_geometry(stride: object, padding: object, dilation: object) -> ConvGeometry:
+    return ConvGeometry(
+        check_pair("stride", stride, 1), check_pair("padding", padding, 0), check_pair("dilation", dilation, 1)
     )
 
 
@@ -159,3 +319,37 @@ def check_compute_dtype(compute_dtype: torch.dtype | None, weight: torch.Tensor)
     if compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be a floating dtype; got {compute_dtype}")
     return compute_dtype
+
+
+def check_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, check_finite: bool) -> torch.Tensor:
+    """The operands of a block-wise head (DESIGN 8): h (B, C) rows or (B, C, H, W) images, B > 0; weight (K, C) or a
+    1x1 convolution's (K, C, 1, 1), K >= 2 classes; bias (K,) or None. h may have a lower precision than the head
+    (a bf16 block output under autocast). Returns the weight as a (K, C) view."""
+    _check_float_tensor("h", h)
+    if h.dim() not in (2, 4) or 0 in h.shape:
+        raise ValueError(
+            f"h must be (batch, channels) or (batch, channels, height, width) with no empty dimension; got "
+            f"{tuple(h.shape)}"
+        )
+    _check_float_tensor("head_weight", weight)
+    if weight.dim() not in (2, 4) or tuple(weight.shape[2:]) not in ((), (1, 1)):
+        raise ValueError(
+            "head_weight must be (num_classes, channels) or a 1x1 convolution's (num_classes, channels, 1, 1); got "
+            f"{tuple(weight.shape)}"
+        )
+    classes, channels = weight.shape[:2]
+    if channels != h.shape[1]:
+        raise ValueError(f"head_weight expects {channels} channels but h has {h.shape[1]}")
+    if classes < 2:
+        raise ValueError(f"head_weight must have at least 2 rows (one per class); got {classes}")
+    if weight.device != h.device:
+        raise ValueError(f"head_weight is on {weight.device} but h is on {h.device}")
+    if bias is not None:
+        _check_float_tensor("head_bias", bias)
+        if bias.shape != (classes,):
+            raise ValueError(f"head_bias must have shape ({classes},); got {tuple(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"head_bias is on {bias.device} but head_weight is on {weight.device}")
+    if check_finite:
+        _check_finite("h", h)
+    return weight.reshape(classes, channels)

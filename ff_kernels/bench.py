@@ -5,6 +5,8 @@ every configuration times all variants together:
 
 - ``eager``: the autograd step written the mohammadpz way (two forward passes, ``log(1 + exp(.))``, backward,
   ``torch.optim.Adam``);
+- ``auto``: ``ff_linear_step`` as a user calls it, every option at its default (the backend ``auto`` picks for the
+  device, the finiteness check on) with ``ff_kernels.optim.Adam``: on the CPU the extension's fused operator;
 - ``reference``, ``torch``, ``triton``, ``cuda``: ``ff_linear_step`` with each backend and ``ff_kernels.optim.Adam``
   (``check_finite=False``: the kernels are timed, not the input scan). ``torch_mixed`` (non-fp32 rows only) keeps
   fp32 weights and runs the GEMMs in the row's dtype (``compute_dtype``), as the CPU bf16 target asks;
@@ -30,7 +32,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,12 +41,13 @@ import torch
 from torch import nn
 
 import ff_kernels as ffk
-from ff_kernels.backends import resolve_backend
+from ff_kernels import roofline
+from ff_kernels.backends import cpu_info, resolve_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DESIGN_ROWS = (512, 4096, 25000)
 DESIGN_KN = ((784, 500), (500, 500), (2000, 2000), (4096, 4096))
-VARIANTS = ("eager", "reference", "torch", "torch_mixed", "triton", "cuda", "compile", "gemm_floor")
+VARIANTS = ("eager", "auto", "reference", "torch", "torch_mixed", "triton", "cuda", "compile", "gemm_floor")
 STEP_VARIANTS = frozenset(VARIANTS) - {"gemm_floor"}
 THRESHOLD, LR = 2.0, 1e-3
 
@@ -171,7 +174,7 @@ def _compiled_step(problem: Problem, mode: str | None) -> Callable[[], Any]:
     return call
 
 
-def _fused_step(problem: Problem, backend: str, mixed: bool) -> Callable[[], Any]:
+def _fused_step(problem: Problem, backend: str, mixed: bool, check_finite: bool = False) -> Callable[[], Any]:
     """``ff_linear_step`` with ``backend`` and an ``ff_kernels.optim.Adam`` update."""
     master = torch.float32 if mixed else problem.dtype
     w, b = problem.weight.to(master, copy=True), problem.bias.to(master, copy=True)
@@ -180,7 +183,7 @@ def _fused_step(problem: Problem, backend: str, mixed: bool) -> Callable[[], Any
 
     def call() -> Any:
         return ffk.ff_linear_step(problem.x_pos, problem.x_neg, w, b, threshold=THRESHOLD, optimizer=opt,
-                                  backend=backend, compute_dtype=compute, check_finite=False)
+                                  backend=backend, compute_dtype=compute, check_finite=check_finite)
 
     return call
 
@@ -219,6 +222,8 @@ def build_variant(name: str, problem: Problem, device: torch.device, compile_mod
         return _gemm_floor(problem)
     if name == "compile":
         return _compiled_step(problem, compile_mode)
+    if name == "auto":
+        return _fused_step(problem, "auto", mixed=False, check_finite=True)
     if name == "torch_mixed":
         if problem.dtype == torch.float32:
             return "fp32 rows: identical to torch"
@@ -320,6 +325,7 @@ class Row:
     peak_mib: float = math.nan
     extra_pct_h: float = math.nan
     first_loss: float = math.nan
+    model_floor_ms: float = math.nan
 
     @property
     def shape(self) -> Shape:
@@ -378,7 +384,17 @@ def bench_config(problem: Problem, device: torch.device, variants: Sequence[str]
             if ref in samples and name_timed(row):
                 ratio = rows[ref].median_ms / row.median_ms
                 setattr(row, attr, 1 / ratio if invert else ratio)
+    if device.type == "cuda":
+        add_model_floor(rows.values(), roofline.precision_of(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
     return list(rows.values())
+
+
+def add_model_floor(rows: Iterable[Row], precision: str) -> None:
+    """The roofline model's floor on an H100 SXM (``ff_kernels.roofline``) beside each GPU figure: the Adam step
+    for the step variants, the two GEMMs writing grad_weight for ``gemm_floor``. A model, not a measurement."""
+    for row in rows:
+        optimizer = "none" if row.variant == "gemm_floor" else "adam"
+        row.model_floor_ms = roofline.step_floor_ms(row.P, row.Q, row.K, row.N, precision, optimizer)
 
 
 def name_timed(row: Row) -> bool:
@@ -458,6 +474,8 @@ def environment(device: torch.device, **extra: Any) -> dict[str, Any]:
     }
     if device.type == "cuda":
         env["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if device.type == "cpu":
+        env.update(cpu_info())
     env.update(extra)
     return env
 
@@ -476,7 +494,8 @@ def format_table(rows: Sequence[Row]) -> str:
     for row in rows:
         if (row.shape, row.dtype) != key:
             key = (row.shape, row.dtype)
-            lines += ["", f"{row.device} {row.dtype} {row.shape.label()} (M={row.shape.rows})", header]
+            model = f"{'model floor (H100)':>20}" if row.device == "cuda" else ""
+            lines += ["", f"{row.device} {row.dtype} {row.shape.label()} (M={row.shape.rows})", header + model]
         if row.status != "ok":
             lines.append(f"{row.variant:<12}  {row.status[:100]}")
             continue
@@ -486,6 +505,7 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_fmt(row.vs_eager, 9, '.2f', 'x')}{_fmt(row.vs_compile, 10, '.2f', 'x')}"
             f"{_fmt(row.over_floor, 9, '.2f', 'x')}{_fmt(row.vs_eager_fp32, 10, '.2f', 'x')}"
             f"{_fmt(row.peak_mib, 10, '.1f')}"
+            + (_fmt(row.model_floor_ms, 20, '.3f', ' ms') if row.device == "cuda" else "")
         )
     return "\n".join(lines).lstrip("\n")
 
@@ -493,7 +513,9 @@ def format_table(rows: Sequence[Row]) -> str:
 LEGEND = (
     "x eager / x compile: speed-up over the eager (mohammadpz) step and over torch.compile of the torch step "
     "(>1 is faster); / floor: time over the two bare GEMMs (1.0 is the floor); x eager32: speed-up over the fp32 "
-    "eager step of the same shape; IQR %: interquartile range over the median; peak MiB: CUDA peak above inputs."
+    "eager step of the same shape; IQR %: interquartile range over the median; peak MiB: CUDA peak above inputs; "
+    "model floor (H100), GPU rows only: the roofline model's floor of that work on an H100 SXM (ff_kernels.roofline: "
+    "FLOPs and minimal bytes against its peaks), a model, not a measurement."
 )
 
 
@@ -608,6 +630,10 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true",
                         help="a small set: P=Q=512, K x N in 784x500, 500x500 on the CPU (4096 rows on CUDA)")
+    parser.add_argument("--op", default="linear", choices=("linear", "conv"),
+                        help="linear: the FF layer step (default); conv: the class-goodness conv step against its "
+                             "eager twin, torch.compile and the convolution floor (ff_kernels.bench_conv; --rows "
+                             "sets its batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", type=_csv_list(_dtype_name), default=["float32", "bfloat16"],
                         help="comma-separated: float32, bfloat16, float16 (default float32,bfloat16)")
@@ -621,10 +647,25 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32 on CUDA (off by default)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="instead: the host cost of one tiny step (P=Q=4, K=N=8, Adam) in units of one tiny "
+                             "torch.mm, on the CPU path and on the GPU path with its launches stubbed "
+                             "(ff_kernels.bench_host; --repeats samples, default 31)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="instead: distributed FF training (data parallel, pipeline) against a backprop pipeline "
+                             "on 1 and 2 local gloo ranks, traffic and steps/s (ff_kernels.distributed.bench)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.host_overhead:
+        from ff_kernels import bench_host
+
+        return bench_host.run(args)
+    if args.distributed:
+        from ff_kernels.distributed import bench as distributed_bench
+
+        return distributed_bench.run(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
@@ -633,6 +674,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.op == "conv":
+        from ff_kernels import bench_conv
+
+        return bench_conv.run(args, device)
     shapes = default_shapes(device, args.quick)
     if args.rows or args.kn:
         rows = args.rows or sorted({s.rows_pos for s in shapes})

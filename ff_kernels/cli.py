@@ -10,10 +10,18 @@ from collections.abc import Sequence
 
 import torch
 
-from ff_kernels import bench, memory
+from ff_kernels import bench, blockwise_cli, conv_cli, inspect, memory
 from ff_kernels.bench import positive_int_list
+from ff_kernels.distributed import cli as distributed_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Train options whose default depends on --model (None in the parser): FFNet's is mohammadpz's recipe.
+MODEL_DEFAULTS = {
+    "mlp": {"epochs": 1000, "batch_size": 0, "optimizer": "adam", "lr": 0.03, "schedule": "greedy", "loss": "logistic",
+            "normalize": "l2"},
+    "conv": conv_cli.DEFAULTS,
+    **{model: blockwise_cli.DEFAULTS for model in blockwise_cli.MODELS},
+}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -24,21 +32,35 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
-    parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files (plain or .gz)")
+    parser.add_argument("--model", default="mlp", choices=tuple(MODEL_DEFAULTS),
+                        help="mlp: an FFNet (default); conv: an FFConvNet (class goodness, CwComp); small_cnn, "
+                             "resnet18, mobilenet_v3_small: block-wise training (BlockwiseFF; resnet18 and "
+                             "mobilenet_v3_small need torchvision)")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "mnist", "cifar10"))
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the four MNIST IDX files (plain or .gz), or with cifar-10-python.tar.gz or "
+                             "its extracted cifar-10-batches-py/")
     parser.add_argument("--dims", type=positive_int_list, default=[500, 500], help="hidden widths, e.g. 500,500")
-    parser.add_argument("--epochs", type=int, default=1000, help="epochs per layer (greedy) or in all (simultaneous)")
-    parser.add_argument("--batch-size", type=int, default=0, help="0 for full batch (mohammadpz)")
-    parser.add_argument("--schedule", default="greedy", choices=("greedy", "simultaneous"))
-    parser.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
-    parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per layer (greedy) or in all (simultaneous); default 1000 (mlp), 20 (conv), "
+                             "10 (block-wise)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="0 for full batch; default full batch (mlp, as mohammadpz), 32 (conv), 128 (block-wise)")
+    parser.add_argument("--schedule", default=None, choices=("greedy", "simultaneous"),
+                        help="default greedy (mlp), simultaneous (conv, block-wise)")
+    parser.add_argument("--optimizer", default=None, choices=("adam", "adamw", "sgd"),
+                        help="default adam (mlp, conv), sgd with momentum 0.9 (block-wise)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default 0.03 (mlp), 1e-3 (conv); block-wise: 0.05 (sgd), 1e-3 (adam, adamw)")
     parser.add_argument("--threshold", type=float, default=2.0)
     parser.add_argument("--goodness", default="mean", choices=("mean", "sum"))
-    parser.add_argument("--loss", default="logistic", choices=("logistic", "symba"))
+    parser.add_argument("--loss", default=None, choices=("logistic", "symba", "class"),
+                        help="default logistic (mlp), class (conv: class goodness, no negatives)")
     parser.add_argument("--alpha", type=float, default=4.0, help="SymBa's scale")
     parser.add_argument("--collab", default="none", choices=("none", "all", "previous"),
                         help="Layer Collaboration: offset each layer's goodness by the other layers' (detached)")
-    parser.add_argument("--normalize", default="l2", choices=("l2", "rms", "none"))
+    parser.add_argument("--normalize", default=None, choices=("l2", "rms", "none"),
+                        help="each layer's input scale; default l2 (mlp), rms (conv)")
     parser.add_argument("--overlay", default="auto", choices=("auto", "replace", "append"),
                         help="auto: append the label for inputs under 100 features, else replace the first pixels")
     parser.add_argument("--negatives", default="wrong", choices=("wrong", "shuffle"))
@@ -49,17 +71,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-reference", action="store_true",
                         help="also train with backend=reference and print the speed-up and accuracy difference")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    distributed_cli.add_arguments(parser)  # --distributed data|pipeline, --micro-batches, --timeout
+    blockwise_cli.add_arguments(parser)  # --image-size, --lr-schedule, --baseline, ...
+    conv_cli.add_arguments(parser)  # --channels, --kernel-size, --no-pool, --predict-skip-first
 
 
-def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, float]:
-    """Train one FFNet as the arguments say; returns accuracies, wall time and peak memory."""
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """Fill the train options left unset with --model's defaults (idempotent)."""
+    for name, value in MODEL_DEFAULTS[getattr(args, "model", "mlp")].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def build_net(args: argparse.Namespace, dataset, backend: str, device: torch.device):
+    """The FFNet the train arguments describe (also built on every rank by ``--distributed``)."""
     from ff_kernels.net import FFNet
 
-    device = torch.device(args.device)
+    if args.model == "conv":
+        return conv_cli.build_net(args, dataset, backend, device, DTYPES.get(args.compute_dtype))
     overlay = args.overlay
     if overlay == "auto":
         overlay = "append" if dataset.num_features < 100 else "replace"
-    net = FFNet(
+    return FFNet(
         [dataset.num_features, *args.dims],
         num_classes=dataset.num_classes,
         overlay=overlay,
@@ -77,6 +110,13 @@ def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, flo
         seed=args.seed,
         device=device,
     )
+
+
+def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, float]:
+    """Train one FFNet as the arguments say; returns accuracies, wall time and peak memory."""
+    apply_model_defaults(args)
+    device = torch.device(args.device)
+    net = build_net(args, dataset, backend, device)
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -104,10 +144,22 @@ def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, flo
 def run_train(args: argparse.Namespace) -> int:
     from ff_kernels.data import load_dataset
 
-    dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+    apply_model_defaults(args)
+    if args.model in blockwise_cli.MODELS:
+        return blockwise_cli.run_train(args)
+    distributed_cli.check_arguments(args)
+    if args.distributed:
+        return distributed_cli.run_train(args)
+
+    if args.model == "conv":
+        conv_cli.check_arguments(args)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=args.model == "conv")
+    layers = f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}"
+    if args.model == "conv":
+        layers = conv_cli.describe(args, dataset)
     print(
         f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
-        f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}, {args.schedule}, "
+        f"{layers}, {args.schedule}, "
         f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, collab {args.collab}, "
         f"backend {args.backend}, device {args.device}"
     )
@@ -136,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train)
     bench.add_parser(commands)
     memory.add_parser(commands)
+    inspect.add_parser(commands)
     return parser
 
 

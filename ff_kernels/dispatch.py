@@ -18,12 +18,14 @@ class Implementation:
 
     ``fuses_update``: the function takes ``optimizer=`` and applies the update itself (in a kernel epilogue);
     otherwise it returns gradients and the caller applies the update. ``compute_dtype``: it takes
-    ``compute_dtype=`` (matrix products in another dtype than the weight's).
+    ``compute_dtype=`` (matrix products in another dtype than the weight's). ``checks_finite``: it takes
+    ``check_finite=`` and scans the inputs itself on CPU tensors, inside its first pass (``ff_kernels.finite``).
     """
 
     target: str
     fuses_update: bool = False
     compute_dtype: bool = False
+    checks_finite: bool = False
 
     def load(self) -> Callable:
         module, name = self.target.split(":")
@@ -34,13 +36,49 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
     ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
     ("linear_step", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_step_triton", fuses_update=True),
-    ("linear_step", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True),
+    ("linear_step", "cuda"): Implementation(
+        "ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True, compute_dtype=True, checks_finite=True
+    ),
     ("linear_forward", "reference"): Implementation("ff_kernels.reference:ff_linear_forward_ref"),
     ("linear_forward", "torch"): Implementation(
         "ff_kernels.ops.torch_step:ff_linear_forward_torch", compute_dtype=True
     ),
     ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_forward_triton"),
-    ("linear_forward", "cuda"): Implementation("ff_kernels.ops.cuda_step:ff_linear_forward_cuda"),
+    ("linear_forward", "cuda"): Implementation(
+        "ff_kernels.ops.cuda_step:ff_linear_forward_cuda", compute_dtype=True, checks_finite=True
+    ),
+    ("linear_class_step", "reference"): Implementation("ff_kernels.reference_conv:ff_linear_class_step_ref"),
+    ("linear_class_step", "torch"): Implementation(
+        "ff_kernels.ops.torch_conv:ff_linear_class_step_torch", compute_dtype=True
+    ),
+    ("conv2d_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_step_ref"),
+    ("conv2d_step", "torch"): Implementation("ff_kernels.ops.torch_conv:ff_conv2d_step_torch", compute_dtype=True),
+    ("conv2d_class_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_class_step_ref"),
+    ("conv2d_class_step", "torch"): Implementation(
+        "ff_kernels.ops.torch_conv:ff_conv2d_class_step_torch", compute_dtype=True
+    ),
+    ("conv2d_forward", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_forward_ref"),
+    ("conv2d_forward", "torch"): Implementation(
+        "ff_kernels.ops.torch_conv:ff_conv2d_forward_torch", compute_dtype=True
+    ),
+    ("class_goodness_loss", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_loss_ref"),
+    ("class_goodness_loss", "torch"): Implementation("ff_kernels.ops.torch_heads:class_goodness_loss_torch"),
+    ("class_goodness", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_ref"),
+    ("class_goodness", "torch"): Implementation("ff_kernels.ops.torch_heads:class_goodness_torch"),
+}
+
+# Pairs known to be missing, and why: the error says so instead of only listing the backends that exist.
+_NOT_BUILT = {
+    "cuda": "the C++/CUDA extension has no convolution or class-goodness kernels",
+    "triton": "the Triton convolution and class-goodness kernels are not written yet",
+}
+MISSING: dict[tuple[str, str], str] = {
+    (op, backend): reason
+    for op in (
+        "linear_class_step", "conv2d_step", "conv2d_class_step", "conv2d_forward", "class_goodness_loss",
+        "class_goodness",
+    )
+    for backend, reason in _NOT_BUILT.items()
 }
 
 _loaded: dict[tuple[str, str], Callable] = {}
@@ -56,8 +94,10 @@ def spec(op: str, backend: str) -> Implementation:
     try:
         return TABLE[(op, backend)]
     except KeyError:
+        reason = MISSING.get((op, backend))
         raise NotImplementedError(
-            f"{op} has no backend={backend!r} implementation; available: {', '.join(backends_for(op))}"
+            f"{op} has no backend={backend!r} implementation{f' ({reason})' if reason else ''}; "
+            f"available: {', '.join(backends_for(op))}"
         ) from None
 
 

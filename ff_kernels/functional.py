@@ -4,33 +4,132 @@ This is the boundary: arguments are checked here once, the backend is resolved, 
 on trusted inputs. Everything runs under ``torch.no_grad``: parameters may be ``nn.Parameter``s and are updated
 in place, and no autograd graph is recorded. Backends return gradients; where they cannot fuse the update, it is
 applied here.
+
+``check_finite`` is honoured where it costs no host synchronisation per step (``ff_kernels.finite``): inside the
+C++ CPU operator's first pass, by a host scan for the other backends on CPU tensors, and on the device, read every
+few steps, on the GPU paths.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from ff_kernels import _options as opt_checks
-from ff_kernels import dispatch
-from ff_kernels.backends import resolve_backend
+from ff_kernels import dispatch, finite
+from ff_kernels._options import BACKENDS, check_choice
+from ff_kernels.backends import resolve_backend, warn_if_slow_bf16
 from ff_kernels.optim import FusedOptimizer
-from ff_kernels.types import FFStepOutput
+from ff_kernels.types import FFStepOutput, StepOutput
+
+# How check_finite is honoured on a route (ff_kernels.finite).
+FINITE_IN_OP, FINITE_SCAN, FINITE_DEFERRED = "in_op", "scan", "deferred"
 
 
-def resolve_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> dispatch.Implementation:
-    """The concrete backend's table entry for ``op``. A compute dtype other than the weight's is a feature of some
-    backends only: ``auto`` then picks the first of them, and an explicit other backend is an error."""
-    if compute == weight.dtype:
-        name = resolve_backend(backend, weight.device)
-        return dispatch.implementation(op, name)
-    supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]
-    name = resolve_backend(supporting[0] if backend == "auto" else backend, weight.device)
-    if name not in supporting:
-        raise ValueError(
-            f"compute_dtype={compute} is supported by backend={' or '.join(map(repr, supporting))} only; "
-            f"got backend={name!r}"
+class Route(NamedTuple):
+    """A resolved backend for one op: its table entry, its function, and where the finiteness check runs."""
+
+    entry: dispatch.Implementation
+    fn: Callable
+    finite: str
+
+
+_routes: dict[tuple, Route] = {}
+
+
+def route_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> Route:
+    """The concrete backend for ``op`` on ``weight``'s device.
+
+    A backend that lacks ``op`` is an error before its availability is checked; ``auto`` picks the fastest backend
+    for the device among those that implement ``op``. A compute dtype other than the weight's is a feature of some
+    backends only: ``auto`` keeps its pick if that is one of them and otherwise takes the first, and an explicit
+    other backend is an error.
+
+    Resolved once per (op, backend, device type, dtypes): a step at a small shape costs less than the lookups. What
+    can change later is checked where it is used: the extension's functions check that it is still loaded, and the
+    Triton backend on the CPU is keyed on TRITON_INTERPRET."""
+    check_choice("backend", backend, BACKENDS)
+    device = weight.device
+    key = (op, backend, device.type, compute, weight.dtype,
+           os.environ.get("TRITON_INTERPRET") if backend == "triton" else None)
+    route = _routes.get(key)
+    if route is None:
+        route = _routes[key] = _resolve(op, backend, compute, weight.dtype, device)
+    return route
+
+
+def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, device: torch.device) -> Route:
+    if backend != "auto":
+        dispatch.spec(op, backend)
+    name = resolve_backend(backend, device)
+    if (op, name) not in dispatch.TABLE:
+        name = "torch"
+    if compute != dtype and not dispatch.TABLE[(op, name)].compute_dtype:
+        supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]
+        if backend != "auto":
+            raise ValueError(
+                f"compute_dtype={compute} is supported by backend={' or '.join(map(repr, supporting))} only; "
+                f"got backend={name!r}"
+            )
+        name = resolve_backend(supporting[0], device)
+    warn_if_slow_bf16(device, compute)
+    entry, fn = dispatch.implementation(op, name)
+    if device.type == "cpu" and name != "triton":
+        mode = FINITE_IN_OP if entry.checks_finite else FINITE_SCAN
+    else:
+        mode = FINITE_DEFERRED
+    return Route(entry, fn, mode)
+
+
+def resolve_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> tuple[dispatch.Implementation,
+                                                                                            Callable]:
+    """:func:`route_for`'s table entry and function."""
+    route = route_for(op, backend, compute, weight)
+    return route.entry, route.fn
+
+
+def check_optimizer(optimizer: FusedOptimizer | None, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(
+            f"optimizer must be an ff_kernels.optim optimizer (SGD, Adam, AdamW); got {type(optimizer).__name__}"
         )
-    return dispatch.implementation(op, name)
+    optimizer.check_holds("weight", weight)
+    if bias is not None:
+        optimizer.check_holds("bias", bias)
+
+
+def call_step(
+    route: Route,
+    args: tuple,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    optimizer: FusedOptimizer | None,
+    compute: torch.dtype,
+    check_in_op: bool,
+) -> StepOutput:
+    """Call ``route``'s backend on checked ``args``; where it does not fuse the update, apply it here from the
+    gradients it returned (and return the record without them, as a fused backend would). ``check_in_op`` asks the
+    operator for its fused finiteness scan."""
+    entry, step = route.entry, route.fn
+    if entry.fuses_update and entry.compute_dtype and entry.checks_finite:  # the C++ operator: its hot path
+        return step(*args, optimizer=optimizer, compute_dtype=compute, check_finite=check_in_op)
+    extra = {"compute_dtype": compute} if entry.compute_dtype else {}
+    if entry.checks_finite:
+        extra["check_finite"] = check_in_op
+    if entry.fuses_update:
+        return step(*args, optimizer=optimizer, **extra)
+    out = step(*args, **extra)
+    if optimizer is None:
+        return out
+    params = [weight] if bias is None else [weight, bias]
+    grads = [out.grad_weight] if bias is None else [out.grad_weight, out.grad_bias]
+    optimizer.update(params, grads, grads_are_scratch=True)
+    return out._replace(grad_weight=None, grad_bias=None)
 
 
 @torch.no_grad()
@@ -63,18 +162,23 @@ def ff_linear_step(
         optimizer: an ``ff_kernels.optim`` optimizer holding ``weight`` (and ``bias``), or None to get gradients.
         backend: "auto", "reference", "torch", "triton" or "cuda"; an unavailable one raises.
         compute_dtype: dtype of the matrix products (e.g. torch.bfloat16 with float32 weights); goodness, loss,
-            gradients and optimizer state stay float32. Default: the weight dtype. Supported by the torch
-            backend, which ``auto`` then picks.
-        check_finite: scan the inputs for NaN/inf and raise ValueError (one reduction and, on a GPU, one host
-            sync). With False, non-finite inputs give a NaN loss and, with an optimizer, NaN parameters.
+            gradients and optimizer state stay float32. Default: the weight dtype. Supported by the torch backend
+            and by the extension's CPU operator (backend="cuda" on CPU tensors); ``auto`` picks the latter on the
+            CPU where it is built, the torch backend otherwise. A CPU without bf16 instructions warns once.
+        check_finite: raise ValueError if the inputs or offsets hold NaN/inf. On the CPU at once (fused into the C++
+            operator's first pass, or a host scan); on the GPU paths the scan stays on the device and is read every
+            ``ff_kernels.finite.interval()`` steps, so a step never waits for the device (``ff_kernels.finite``).
+            With False, non-finite inputs give a NaN loss and, with an optimizer, NaN parameters.
 
     Returns:
         FFStepOutput; ``grad_weight``/``grad_bias`` are None when an optimizer applied the update.
     """
     opt_checks.check_weight_bias(weight, bias)
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
-    x_pos = opt_checks.check_input("x_pos", x_pos, weight, check_finite, compute)
-    x_neg = opt_checks.check_input("x_neg", x_neg, weight, check_finite, compute)
+    route = route_for("linear_step", backend, compute, weight)
+    scan = check_finite and route.finite == FINITE_SCAN
+    x_pos = opt_checks.check_input("x_pos", x_pos, weight, scan, compute)
+    x_neg = opt_checks.check_input("x_neg", x_neg, weight, scan, compute)
     if x_pos.dtype != x_neg.dtype:
         raise TypeError(f"x_pos dtype {x_pos.dtype} differs from x_neg dtype {x_neg.dtype}")
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
@@ -87,34 +191,16 @@ def ff_linear_step(
         alpha=alpha,
         out_features=weight.shape[0],
     )
-    if opts.loss == "symba":
-        if rows_pos != rows_neg:
-            raise ValueError(f"loss='symba' pairs rows: x_pos has {rows_pos} rows but x_neg has {rows_neg}")
-        if rows_pos == 0:
-            raise ValueError("loss='symba' needs at least one pair: x_pos and x_neg are empty")
-    elif rows_pos + rows_neg == 0:
-        raise ValueError("x_pos and x_neg are both empty: the loss over zero rows is undefined")
-    offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight, check_finite)
-    offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight, check_finite)
-    if optimizer is not None:
-        if not isinstance(optimizer, FusedOptimizer):
-            raise TypeError(
-                f"optimizer must be an ff_kernels.optim optimizer (SGD, Adam, AdamW); got {type(optimizer).__name__}"
-            )
-        optimizer.check_holds("weight", weight)
-        if bias is not None:
-            optimizer.check_holds("bias", bias)
-    entry, step = resolve_for("linear_step", backend, compute, weight)
-    extra = {"compute_dtype": compute} if entry.compute_dtype else {}
-    if entry.fuses_update:
-        return step(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer=optimizer, **extra)
-    out = step(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, **extra)
-    if optimizer is None:
-        return out
-    params = [weight] if bias is None else [weight, bias]
-    grads = [out.grad_weight] if bias is None else [out.grad_weight, out.grad_bias]
-    optimizer.update(params, grads, grads_are_scratch=True)
-    return out._replace(grad_weight=None, grad_bias=None)
+    opt_checks.check_pos_neg_rows(opts.loss, rows_pos, rows_neg)
+    offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight, scan)
+    offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight, scan)
+    check_optimizer(optimizer, weight, bias)
+    if check_finite and route.finite == FINITE_DEFERRED:
+        named = (("x_pos", x_pos), ("x_neg", x_neg), ("offset_pos", offset_pos), ("offset_neg", offset_neg))
+        finite.defer(weight.device, named)
+    args = (x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg)
+    check_in_op = check_finite and route.finite == FINITE_IN_OP
+    return call_step(route, args, weight, bias, optimizer, compute, check_in_op)
 
 
 @torch.no_grad()
@@ -130,14 +216,19 @@ def ff_linear_forward(
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference (GEMM 1 alone): h = relu(r * (x @ W^T) + b) and goodness g (float32), DESIGN 1.1-1.3."""
+    """Inference (GEMM 1 alone): h = relu(r * (x @ W^T) + b) and goodness g (float32), DESIGN 1.1-1.3; options as
+    in :func:`ff_linear_step`."""
     opt_checks.check_weight_bias(weight, bias)
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
-    x = opt_checks.check_input("x", x, weight, check_finite, compute)
+    route = route_for("linear_forward", backend, compute, weight)
+    x = opt_checks.check_input("x", x, weight, check_finite and route.finite == FINITE_SCAN, compute)
     opt_checks.check_choice("goodness", goodness, opt_checks.GOODNESS)
     opt_checks.check_normalize(normalize, eps)
     kappa = opt_checks.goodness_scale(goodness, weight.shape[0])
-    entry, forward = resolve_for("linear_forward", backend, compute, weight)
-    extra = {"compute_dtype": compute} if entry.compute_dtype else {}
-    h, g = forward(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps, **extra)
+    if check_finite and route.finite == FINITE_DEFERRED:
+        finite.defer(weight.device, (("x", x),))
+    extra = {"compute_dtype": compute} if route.entry.compute_dtype else {}
+    if route.entry.checks_finite:
+        extra["check_finite"] = check_finite and route.finite == FINITE_IN_OP
+    h, g = route.fn(x, weight, bias, kappa=kappa, normalize=normalize, eps=eps, **extra)
     return h, g.to(torch.promote_types(g.dtype, torch.float32))

@@ -50,6 +50,7 @@ from torch import nn
 
 from ff_kernels.backends import resolve_backend
 from ff_kernels.bench import EagerFFLayer, positive_int_list, report_written
+from ff_kernels.blockwise import MODELS as BLOCKWISE_MODELS
 
 METHODS = ("ff_fused", "ff_eager", "backprop")
 THRESHOLD, LR = 2.0, 1e-3
@@ -143,7 +144,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-class _Probe:
+class Probe:
     """The memory counters of one device: CUDA's allocator, or the process's resident set on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
@@ -253,7 +254,7 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Callable[[], Any], 
 def measure(cfg: MemoryConfig) -> dict[str, Any]:
     """Run ``cfg`` in this process and measure it (see the module docstring for what each number means)."""
     device = torch.device(cfg.device)
-    probe = _Probe(device)
+    probe = Probe(device)
     tiny = MemoryConfig(cfg.method, 1, width=16, in_features=16, batch=8, steps=1, dtype=cfg.dtype,
                         device=cfg.device, backend=cfg.backend)
     warm, _ = _build(tiny, device)
@@ -292,13 +293,15 @@ def measure(cfg: MemoryConfig) -> dict[str, Any]:
     }
 
 
-def measure_subprocess(cfg: MemoryConfig, threads: int = 1, timeout: float = 900) -> dict[str, Any]:
-    """``measure(cfg)`` in a fresh interpreter, so that no earlier configuration's memory is in its numbers."""
+def measure_subprocess(cfg: Any, threads: int = 1, timeout: float = 900, module: str = "ff_kernels.memory"
+                       ) -> dict[str, Any]:
+    """``measure(cfg)`` of ``module`` in a fresh interpreter, so that no earlier configuration's memory is in its
+    numbers (``cfg`` a dataclass that its ``--worker`` reads as JSON)."""
     env = dict(os.environ)
     env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "ff_kernels.memory", "--worker", json.dumps(asdict(cfg))],
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(asdict(cfg))],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -438,10 +441,18 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
         "memory", help="peak training memory of an L-layer MLP: FF (fused, eager) against backprop, L = 1..16",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="depths 1,2,4,8 (default 1..16)")
-    parser.add_argument("--depths", type=positive_int_list, default=None, help="comma-separated depths")
+    parser.add_argument("--model", default="mlp", choices=("mlp", *BLOCKWISE_MODELS),
+                        help="mlp (default): FF layers against backprop; a conv net: block-wise training against "
+                             "backprop of the same network, per batch and depth (ff_kernels.memory_blockwise)")
+    parser.add_argument("--quick", action="store_true", help="depths 1,2,4,8 (default 1..16); conv nets: 3 batches")
+    parser.add_argument("--depths", type=positive_int_list, default=None,
+                        help="comma-separated depths (conv nets: numbers of blocks)")
     parser.add_argument("--width", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=256, help="M rows in all (FF: M/2 positive, M/2 negative)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="M rows in all (FF: M/2 positive, M/2 negative; default 256); conv nets: the one batch")
+    parser.add_argument("--batches", type=positive_int_list, default=None,
+                        help="conv nets: the batch sweep (default 32,64,128,256,512)")
+    parser.add_argument("--image-size", type=int, default=32, help="conv nets: input height and width")
     parser.add_argument("--in-features", type=int, default=784)
     parser.add_argument("--steps", type=int, default=3, help="training steps per configuration")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -463,6 +474,11 @@ def configs_from_args(args: argparse.Namespace) -> list[MemoryConfig]:
 def run(args: argparse.Namespace) -> int:
     from ff_kernels.bench import device_slug, environment
 
+    if args.model != "mlp":
+        from ff_kernels import memory_blockwise
+
+        return memory_blockwise.run(args)
+    args.batch = args.batch or 256
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")

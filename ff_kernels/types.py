@@ -43,3 +43,21 @@ class FFStepOutput(NamedTuple):
             grad_weight=grad_weight,
             grad_bias=grad_bias,
         )
+
+
+class FFClassStepOutput(NamedTuple):
+    """What one class-goodness step returns (DESIGN 7): no negative data, one goodness per (sample, class).
+
+    ``goodness`` is (B, num_classes) float32 (float64 for float64 inputs); ``h`` is the post-ReLU activation, computed
+    with the weights from before this step's update. ``grad_weight``/``grad_bias`` are None when an optimizer
+    applied the update.
+    """
+
+    loss: torch.Tensor
+    goodness: torch.Tensor
+    h: torch.Tensor
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+StepOutput = FFStepOutput | FFClassStepOutput

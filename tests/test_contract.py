@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ff_kernels as ffk
+from ff_kernels import backends
 from ff_kernels._options import GOODNESS, LOSSES, NORMALIZE, check_step_options
 from ff_kernels.reference import ff_linear_forward_ref, ff_linear_step_ref, ff_loss_ref
 
@@ -144,16 +145,23 @@ def step_opts(**kwargs):
 # torch backend == reference for every option combination
 
 
+# The fast CPU paths: the torch backend everywhere, the extension's fused CPU operator where it is built (what
+# backend="auto" runs on CPU tensors).
+CPU_FAST = ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    backends.cuda_unavailable_reason(torch.device("cpu")) is not None, reason="the C++ extension is not built"))]
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
 @pytest.mark.parametrize("shape", [(37, 29, 45, 23), (37, 29, 23, 45)], ids=["N<K", "N>K"])
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
-def test_torch_matches_reference_every_option(combo, shape) -> None:
+def test_fast_path_matches_reference_every_option(combo, shape, backend) -> None:
     normalize, goodness, loss, offsets, bias = combo
     p, q, k, n = shape
     if loss == "symba":
         q = p
     args, kwargs = make_case(p, q, k, n, normalize=normalize, goodness=goodness, loss=loss, offsets=offsets, bias=bias)
     ref = ffk.ff_linear_step(*args, **kwargs, backend="reference")
-    fast = ffk.ff_linear_step(*args, **kwargs, backend="torch")
+    fast = ffk.ff_linear_step(*args, **kwargs, backend=backend)
 
     # output record: shapes and dtypes of DESIGN 1.8
     for out in (ref, fast):
@@ -179,10 +187,12 @@ def test_inputs_and_parameters_untouched_without_optimizer() -> None:
             assert torch.equal(before, after)
 
 
-def test_auto_backend_on_cpu_is_torch() -> None:
+def test_auto_backend_on_cpu_is_the_fused_operator_or_torch() -> None:
+    """auto on CPU tensors: the extension's CPU operator where it is built, the torch backend otherwise."""
     args, kwargs = make_case(6, 5, 7, 4)
     auto = ffk.ff_linear_step(*args, **kwargs)
-    fast = ffk.ff_linear_step(*args, **kwargs, backend="torch")
+    built = backends.cuda_unavailable_reason(torch.device("cpu")) is None
+    fast = ffk.ff_linear_step(*args, **kwargs, backend="cuda" if built else "torch")
     for name in FIELDS:
         assert torch.equal(getattr(auto, name), getattr(fast, name)), name
 
@@ -280,7 +290,7 @@ def hand_step(
         ("l2", "sum", "symba", False),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *CPU_FAST])
 def test_against_hand_written_formulas_float64(normalize, goodness, loss, offsets, backend) -> None:
     p, q = (7, 7) if loss == "symba" else (7, 5)
     args, kwargs = make_case(

@@ -22,6 +22,7 @@ def test_missing_pair_lists_the_available_backends() -> None:
         dispatch.spec("linear_step", "nope")
 
 
-def test_compute_dtype_is_a_torch_feature_for_linear_ops() -> None:
+def test_compute_dtype_is_a_torch_and_cpu_operator_feature_for_linear_ops() -> None:
+    """The torch backend and the extension (its CPU operator; its CUDA kernels run in the parameters' dtype)."""
     for op in ("linear_step", "linear_forward"):
-        assert [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype] == ["torch"]
+        assert [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype] == ["torch", "cuda"]

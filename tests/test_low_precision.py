@@ -102,11 +102,14 @@ def test_low_precision_inputs_at_mnist_shape(backend: str, dtype: torch.dtype, n
     assert_flash_attention_rule(out, truth, baseline, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("normalize,loss", CASES, ids=["l2-logistic", "rms-symba"])
-def test_low_precision_compute_dtype_at_mnist_shape(dtype: torch.dtype, normalize: str, loss: str) -> None:
+def test_low_precision_compute_dtype_at_mnist_shape(
+    backend: str, dtype: torch.dtype, normalize: str, loss: str
+) -> None:
     given, truth, baseline = truth_and_baseline(normalize, loss, dtype, False)
-    out = ffk.ff_linear_step(*given, **options(normalize, loss), backend="torch", compute_dtype=dtype)
+    out = ffk.ff_linear_step(*given, **options(normalize, loss), backend=backend, compute_dtype=dtype)
     assert out.grad_weight.dtype == torch.float32 and out.h_pos.dtype == dtype
     assert_flash_attention_rule(out, truth, baseline, dtype)
 

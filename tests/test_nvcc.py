@@ -56,7 +56,7 @@ def nvcc_results(tmp_path_factory) -> dict[tuple[str, str], subprocess.Completed
     out = tmp_path_factory.mktemp("nvcc")
     jobs = {
         (path.name, arch): [
-            NVCC, "-std=c++17", "-O3", *TORCH_NVCC_DEFINES, f"-arch={arch}", "-c", str(path),
+            NVCC, "-std=c++17", "-O3", *TORCH_NVCC_DEFINES, f"-arch={arch}", "--resource-usage", "-c", str(path),
             "-o", str(out / f"{path.stem}.{arch}.o"),
         ]
         for path in KERNELS
@@ -79,8 +79,31 @@ def test_kernel_compiles(nvcc_results, name, arch):
     assert "warning" not in result.stderr.lower(), result.stderr[-6000:]
 
 
-@pytest.mark.parametrize("path", [*KERNELS, *sorted((CSRC / "cuda").glob("*.cuh")), CSRC / "ff_kernels.h"],
-                         ids=lambda p: p.name)
+# ptxas's resource report (--resource-usage): "Function properties for NAME" then "N bytes stack frame, S bytes spill
+# stores, L bytes spill loads".
+SPILLS = re.compile(
+    r"Function properties for (\S+)\s+\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", [p.name for p in KERNELS])
+def test_kernels_do_not_spill(nvcc_results, name, arch):
+    """DESIGN 10: zero spill bytes in every kernel instantiation."""
+    result = nvcc_results[(name, arch)]
+    if result.returncode != 0:
+        pytest.skip("does not compile (test_kernel_compiles reports it)")
+    kernels = SPILLS.findall(result.stderr)
+    assert kernels, f"no ptxas resource report for {name}:\n{result.stderr[-3000:]}"
+    spilling = [kernel for kernel, stores, loads in kernels if int(stores) or int(loads)]
+    assert not spilling, f"{len(spilling)} of {len(kernels)} kernels spill on {arch}: {spilling}"
+
+
+@pytest.mark.parametrize(
+    "path", [*KERNELS, *sorted((CSRC / "cuda").glob("*.cuh")), *sorted((CSRC / "cuda").glob("*.h")),
+             CSRC / "ff_kernels.h"],
+    ids=lambda p: p.name,
+)
 def test_kernel_files_include_only_cuda_headers(path):
     """Kernel sources compile with nvcc alone: no torch, ATen or c10 headers."""
     for line in path.read_text().splitlines():

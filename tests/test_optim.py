@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ff_kernels as ffk
-from ff_kernels import optim
+from ff_kernels import backends, optim
 
 STEPS = 5
 
@@ -104,7 +104,12 @@ def _step_data(seed=0):
     return x_pos, x_neg, weight, bias
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+# the fused CPU operator (what backend="auto" runs on CPU tensors) where the extension is built
+FUSED_CPU = pytest.param("cuda", marks=pytest.mark.skipif(
+    backends.cuda_unavailable_reason(torch.device("cpu")) is not None, reason="the C++ extension is not built"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", FUSED_CPU])
 @pytest.mark.parametrize(
     "config", [("Adam", dict(lr=0.02)), ("SGD", dict(lr=0.1, momentum=0.9)), ("AdamW", dict(lr=0.02))], ids=config_id
 )

@@ -337,8 +337,6 @@ def test_resolved_triton_backend_never_runs_the_torch_path(monkeypatch) -> None:
     """DESIGN 2: "an unavailable backend is a clear error, never a silent fallback". When resolve_backend accepts
     backend='triton', the step and the forward must run Triton kernels, not the closed form of backend='torch'."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if backends.resolve_backend("auto", torch.device("cpu")) != "torch":
-        pytest.skip("auto does not resolve to torch here")
     try:
         backends.resolve_backend("triton", torch.device("cpu"))
     except RuntimeError:
@@ -362,8 +360,11 @@ def test_resolved_triton_backend_never_runs_the_torch_path(monkeypatch) -> None:
 
 
 def test_auto_backend_cpu_never_triton(monkeypatch) -> None:
+    """auto on CPU tensors: the extension's CPU operator where it is built, else the torch backend; never the
+    Triton interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    built = backends.cuda_unavailable_reason(torch.device("cpu")) is None
+    assert backends.resolve_backend("auto", torch.device("cpu")) == ("cuda" if built else "torch")
     assert backends.resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.resolve_backend("fast", torch.device("cpu"))
@@ -371,9 +372,10 @@ def test_auto_backend_cpu_never_triton(monkeypatch) -> None:
 
 @pytest.mark.parametrize("backend", ["reference"])
 def test_compute_dtype_needs_torch_backend(backend) -> None:
-    with pytest.raises(ValueError, match="compute_dtype=torch.bfloat16 is supported by backend='torch' only"):
+    supported = "compute_dtype=torch.bfloat16 is supported by backend='torch' or 'cuda' only"
+    with pytest.raises(ValueError, match=supported):
         step(compute_dtype=torch.bfloat16, backend=backend)
-    with pytest.raises(ValueError, match="compute_dtype=torch.bfloat16 is supported by backend='torch' only"):
+    with pytest.raises(ValueError, match=supported):
         forward(compute_dtype=torch.bfloat16, backend=backend)
     # the weight dtype itself is always allowed
     step(compute_dtype=torch.float32, backend=backend)

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../ff_kernels.h"
+#include "plan.h"
 
 // Kernel bodies compile to a trap below sm_80 (cp.async, bf16 and TF32 WMMA need Ampere), so that a build whose
 // TORCH_CUDA_ARCH_LIST includes older GPUs still succeeds; launch_step refuses those devices with a clear error.
@@ -50,6 +51,10 @@ struct GradParams {
   void* b;              // nullable
   void* grad_w;         // written when opt.kind == none
   void* grad_b;
+  // gridDim.y > 1 (plan.h's split): the fp32 partial tiles, the bias partials and the per-tile arrival counters.
+  float* partials;
+  float* bias_partials;
+  unsigned* tickets;
   int64_t P, M, N, K;
   float coef_scale;     // 2^s of coefficient_scale (ff_kernels.h): the operands are c h / 2^s and r x
   OptArgs opt;
@@ -107,13 +112,12 @@ __device__ __forceinline__ void cp_async_wait() {
 // Loads a ROWS x COLS tile (row-major in shared memory, leading dimension ld) whose row r starts at row_ptr(r)
 // (nullptr: a row past the matrix, zero-filled) and whose columns are [col0, col0 + COLS) of a matrix `width`
 // columns wide. VEC bytes per copy; the caller guarantees width and every row start are VEC-aligned, so a vector
-// is either wholly inside or wholly outside the matrix. VEC == sizeof(T) < 4 is the unaligned fallback: plain
-// loads and stores, made visible by the same __syncthreads as the asynchronous copies.
+// is either wholly inside or wholly outside the matrix.
 template <class T, int VEC, int ROWS, int COLS, int THREADS, class RowPtr>
 __device__ __forceinline__ void load_tile(T* smem, int ld, RowPtr row_ptr, int64_t col0, int64_t width,
                                           const T* safe) {
   constexpr int kVE = VEC / static_cast<int>(sizeof(T));
-  static_assert(kVE >= 1 && COLS % kVE == 0, "vector width must divide the tile");
+  static_assert((VEC == 16 || VEC == 8 || VEC == 4) && kVE >= 1 && COLS % kVE == 0, "vector width");
   constexpr int kChunksPerRow = COLS / kVE;
   constexpr int kChunks = ROWS * kChunksPerRow;
 #pragma unroll
@@ -124,12 +128,58 @@ __device__ __forceinline__ void load_tile(T* smem, int ld, RowPtr row_ptr, int64
     const int col = (chunk % kChunksPerRow) * kVE;
     const T* src = row_ptr(row);
     const bool valid = src != nullptr && col0 + col < width;
-    T* dst = smem + row * ld + col;
-    if constexpr (VEC >= 4) {
-      copy_async<VEC>(dst, valid ? src + col0 + col : safe, valid);
-    } else {
-      *dst = valid ? src[col0 + col] : from_float<T>(0.f);
-    }
+    copy_async<VEC>(smem + row * ld + col, valid ? src + col0 + col : safe, valid);
+  }
+}
+
+// Rows of any alignment, with 16-byte copies only. Element e of a row starts misalignment(e) elements past a
+// 16-byte boundary; load_spans copies the aligned span [e - misalignment(e), ...) that covers the row's COLS
+// columns (COLS / VE + 1 vectors, VE = 16 / sizeof(T)) to the start of the row in shared memory, so column c of
+// the tile lands at smem[row * ld + misalignment(e) + c], and ld >= COLS + VE. A span may begin before the matrix
+// or end past it, but every vector it copies holds at least one element of the matrix, and a 16-byte-aligned block
+// never straddles a page: no copy can fault. Vectors wholly past the row's end and rows past the matrix are not
+// copied: whoever reads the tile (realign_rows, GEMM 2's scaling pass) substitutes zeros there, and also for the
+// neighbouring data a span picks up past `width`.
+template <class T>
+__device__ __forceinline__ int misalignment(const T* p) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(p) % 16) / static_cast<int>(sizeof(T));
+}
+
+template <class T, int ROWS, int COLS, int THREADS, class RowPtr>
+__device__ __forceinline__ void load_spans(T* smem, int ld, RowPtr row_ptr, int64_t col0, int64_t width) {
+  constexpr int kVE = 16 / static_cast<int>(sizeof(T));
+  static_assert(COLS % kVE == 0, "vector width must divide the tile");
+  constexpr int kVecsPerRow = COLS / kVE + 1;
+  constexpr int kVecs = ROWS * kVecsPerRow;
+#pragma unroll
+  for (int i = 0; i < (kVecs + THREADS - 1) / THREADS; ++i) {
+    const int v = static_cast<int>(threadIdx.x) + i * THREADS;
+    if (kVecs % THREADS != 0 && v >= kVecs) break;
+    const int row = v / kVecsPerRow;
+    const int vec = v % kVecsPerRow;
+    const T* src = row_ptr(row);
+    if (src == nullptr) continue;
+    const int shift = misalignment(src + col0);
+    const int64_t first = col0 - shift + vec * kVE;  // the vector's first column
+    if (first >= width || (shift == 0 && vec == kVecsPerRow - 1)) continue;
+    copy_async<16>(smem + row * ld + vec * kVE, src + first, true);
+  }
+}
+
+// Moves a tile loaded by load_spans into dst (same shape and ld) with column c at dst[row * ld + c], and zeros in
+// the rows past the matrix and the columns past `width`.
+template <class T, int ROWS, int COLS, int THREADS, class RowPtr>
+__device__ __forceinline__ void realign_rows(T* dst, const T* src, int ld, RowPtr row_ptr, int64_t col0,
+                                             int64_t width) {
+  static_assert((ROWS * COLS) % THREADS == 0 && THREADS % COLS == 0, "whole rows per pass");
+  const int col = static_cast<int>(threadIdx.x) % COLS;
+  const bool in_matrix = col0 + col < width;
+#pragma unroll 4
+  for (int row = static_cast<int>(threadIdx.x) / COLS; row < ROWS; row += THREADS / COLS) {
+    const T* row_start = row_ptr(row);
+    T v = from_float<T>(0.f);
+    if (row_start != nullptr && in_matrix) v = src[row * ld + misalignment(row_start + col0) + col];
+    dst[row * ld + col] = v;
   }
 }
 
@@ -143,18 +193,19 @@ __device__ __forceinline__ void load_tile(T* smem, int ld, RowPtr row_ptr, int64
 template <int TM_, int TN_, int WARPS_M_, int WARPS_N_, class T>
 struct TileCfg {
   static constexpr int TM = TM_, TN = TN_;
-  static constexpr int TR = 64 / static_cast<int>(sizeof(T));
+  static constexpr int TR = planner::kChunkBytes / static_cast<int>(sizeof(T));
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int WARPS = WARPS_M * WARPS_N;
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int WTM = TM / WARPS_M, WTN = TN / WARPS_N;
   static constexpr int STAGES = 3;
-  static constexpr int PAD = 16 / static_cast<int>(sizeof(T));  // keeps 16-byte rows, staggers banks
+  static constexpr int PAD = 16 / static_cast<int>(sizeof(T));  // 16-byte rows, staggered banks, room for a span
   static constexpr int LDC = TN + 4;                               // fp32 epilogue tile
 };
 
 template <int CFG, class T>
-using Cfg = std::conditional_t<CFG == 0, TileCfg<128, 128, 2, 4, T>, TileCfg<64, 64, 2, 2, T>>;
+using Cfg = std::conditional_t<CFG == 0, TileCfg<planner::kTiles[0].m, planner::kTiles[0].n, 2, 4, T>,
+                               TileCfg<planner::kTiles[1].m, planner::kTiles[1].n, 2, 2, T>>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Matrix-product policies. Both compute acc(TM x TN) += A(TM x TR) B(TR x TN) from one shared-memory stage and
@@ -307,38 +358,22 @@ inline int math_mode(DType dtype, bool allow_tf32) {
   }
 }
 
-inline int element_size(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
-
-// Runtime (math mode, tile configuration, vector width) -> the compiled kernel instance. `Launcher` has
-// `template <class T, int CFG, bool SIMT, int VEC> static int run(const Params&, int device, cudaStream_t)`;
-// 8- and 2-element vectors exist only for 16-bit types.
-template <class Launcher, class T, int CFG, bool SIMT, class Params>
-int dispatch_vec(const Params& p, int vec, int device, cudaStream_t stream) {
-  switch (vec) {
-    case 16: return Launcher::template run<T, CFG, SIMT, 16>(p, device, stream);
-    case 4: return Launcher::template run<T, CFG, SIMT, 4>(p, device, stream);
-    default: break;
-  }
-  if constexpr (sizeof(T) == 2) {
-    if (vec == 8) return Launcher::template run<T, CFG, SIMT, 8>(p, device, stream);
-    if (vec == 2) return Launcher::template run<T, CFG, SIMT, 2>(p, device, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <class Launcher, class T, bool SIMT, class Params>
-int dispatch_cfg(const Params& p, int cfg, int vec, int device, cudaStream_t stream) {
-  return cfg == 0 ? dispatch_vec<Launcher, T, 0, SIMT>(p, vec, device, stream)
-                  : dispatch_vec<Launcher, T, 1, SIMT>(p, vec, device, stream);
+// Runtime (math mode, tile configuration) -> launcher.template run<T, CFG, SIMT>(p, device, stream): the
+// compiled kernel instance; `launcher` dispatches over its own further variants.
+template <class T, bool SIMT, class Launcher, class Params>
+int dispatch_cfg(const Launcher& launcher, const Params& p, int cfg, int device, cudaStream_t stream) {
+  return cfg == 0 ? launcher.template run<T, 0, SIMT>(p, device, stream)
+                  : launcher.template run<T, 1, SIMT>(p, device, stream);
 }
 
 template <class Launcher, class Params>
-int dispatch(const Params& p, DType dtype, bool allow_tf32, int cfg, int vec, int device, cudaStream_t stream) {
+int dispatch(const Launcher& launcher, const Params& p, DType dtype, bool allow_tf32, int cfg, int device,
+             cudaStream_t stream) {
   switch (math_mode(dtype, allow_tf32)) {
-    case 0: return dispatch_cfg<Launcher, float, true>(p, cfg, vec, device, stream);
-    case 1: return dispatch_cfg<Launcher, float, false>(p, cfg, vec, device, stream);
-    case 2: return dispatch_cfg<Launcher, __half, false>(p, cfg, vec, device, stream);
-    default: return dispatch_cfg<Launcher, __nv_bfloat16, false>(p, cfg, vec, device, stream);
+    case 0: return dispatch_cfg<float, true>(launcher, p, cfg, device, stream);
+    case 1: return dispatch_cfg<float, false>(launcher, p, cfg, device, stream);
+    case 2: return dispatch_cfg<__half, false>(launcher, p, cfg, device, stream);
+    default: return dispatch_cfg<__nv_bfloat16, false>(launcher, p, cfg, device, stream);
   }
 }
 
@@ -358,10 +393,8 @@ inline cudaError_t allow_smem(size_t bytes, int device) {
 // Launchers of the two GEMM kernels (forward_kernel.cu, grad_kernel.cu); they return a cudaError_t.
 int launch_forward(const ForwardParams& p, DType dtype, bool allow_tf32, int cfg, int vec, int device,
                    cudaStream_t stream);
-int launch_grad(const GradParams& p, DType dtype, bool allow_tf32, int cfg, int vec, int device,
+int launch_grad(const GradParams& p, DType dtype, bool allow_tf32, int cfg, int split, int device,
                 cudaStream_t stream);
-// Tile sizes of a configuration, for planning on the host.
-void cfg_tile(int cfg, int* tm, int* tn);
 
 }  // namespace detail
 }  // namespace ffk

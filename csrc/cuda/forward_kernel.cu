@@ -4,6 +4,10 @@
 //
 // The positive and negative batches are never concatenated: the row tiles of the grid are split between them
 // (tiles [0, ceil(P/TM)) read x_pos, the rest x_neg), which costs at most one partly filled tile.
+//
+// Operand rows are copied with cp.async 16, 8 or 4 bytes at a time, the widest their alignment allows (VEC). Rows of
+// 16-bit elements that are only 2-byte aligned (odd K) use VEC = 0: 16-byte copies of each row's covering aligned
+// span (load_spans), realigned into one extra operand buffer by a shared-memory pass before the products.
 #include <algorithm>
 #include <climits>
 
@@ -18,6 +22,7 @@ __global__ void __launch_bounds__(C::THREADS) ff_forward_kernel(const ForwardPar
 #if !FFK_ARCH_SUPPORTED
   __trap();
 #else
+  constexpr bool kSpans = VEC == 0;
   constexpr int LD = C::TR + C::PAD;
   constexpr int A_ELEMS = C::TM * LD, STAGE_ELEMS = (C::TM + C::TN) * LD;
   // Threads per row for the sum of squares of x: adjacent lanes, combined with one shuffle.
@@ -47,13 +52,18 @@ __global__ void __launch_bounds__(C::THREADS) ff_forward_kernel(const ForwardPar
   const int64_t n0 = tile_n * C::TN;
   const int k_tiles = static_cast<int>((K + C::TR - 1) / C::TR);
 
+  auto x_row = [&](int r) -> const T* { return row0 + r < rows ? x + (row0 + r) * K : nullptr; };
+  auto w_row = [&](int r) -> const T* { return n0 + r < N ? w + (n0 + r) * K : nullptr; };
   auto load_stage = [&](int stage, int kt) {
     T* As = stages + stage * STAGE_ELEMS;
     const int64_t k0 = static_cast<int64_t>(kt) * C::TR;
-    load_tile<T, VEC, C::TM, C::TR, C::THREADS>(
-        As, LD, [&](int r) -> const T* { return row0 + r < rows ? x + (row0 + r) * K : nullptr; }, k0, K, w);
-    load_tile<T, VEC, C::TN, C::TR, C::THREADS>(
-        As + A_ELEMS, LD, [&](int r) -> const T* { return n0 + r < N ? w + (n0 + r) * K : nullptr; }, k0, K, w);
+    if constexpr (kSpans) {
+      load_spans<T, C::TM, C::TR, C::THREADS>(As, LD, x_row, k0, K);
+      load_spans<T, C::TN, C::TR, C::THREADS>(As + A_ELEMS, LD, w_row, k0, K);
+    } else {
+      load_tile<T, VEC, C::TM, C::TR, C::THREADS>(As, LD, x_row, k0, K, w);
+      load_tile<T, VEC, C::TN, C::TR, C::THREADS>(As + A_ELEMS, LD, w_row, k0, K, w);
+    }
   };
 
   const bool normalize = p.normalize != static_cast<int>(Normalize::none);
@@ -76,6 +86,15 @@ __global__ void __launch_bounds__(C::THREADS) ff_forward_kernel(const ForwardPar
     cp_async_commit();
 
     const T* As = stages + (kt % C::STAGES) * STAGE_ELEMS;
+    if constexpr (kSpans) {
+      // The operand buffer follows the stages; the barrier above also retired the previous products' reads of it.
+      T* ops = stages + C::STAGES * STAGE_ELEMS;
+      const int64_t k0 = static_cast<int64_t>(kt) * C::TR;
+      realign_rows<T, C::TM, C::TR, C::THREADS>(ops, As, LD, x_row, k0, K);
+      realign_rows<T, C::TN, C::TR, C::THREADS>(ops + A_ELEMS, As + A_ELEMS, LD, w_row, k0, K);
+      __syncthreads();
+      As = ops;
+    }
     if (normalize) {
       const T* xr = As + sq_row * LD + sq_part * SQ_LEN;
 #pragma unroll
@@ -135,7 +154,7 @@ template <class T, int CFG, bool SIMT, int VEC>
 int launch(const ForwardParams& p, int device, cudaStream_t stream) {
   using C = Cfg<CFG, T>;
   using Mma = std::conditional_t<SIMT, SimtMma<C>, WmmaMma<T, C>>;
-  constexpr size_t kPipe = sizeof(T) * C::STAGES * (C::TM + C::TN) * (C::TR + C::PAD);
+  constexpr size_t kPipe = sizeof(T) * (C::STAGES + (VEC == 0)) * (C::TM + C::TN) * (C::TR + C::PAD);
   constexpr size_t kEpilogue = sizeof(float) * C::TM * C::LDC;
   constexpr size_t kSmem = kPipe > kEpilogue ? kPipe : kEpilogue;
   const int64_t tiles = (p.N + C::TN - 1) / C::TN * ((p.P + C::TM - 1) / C::TM + (p.Q + C::TM - 1) / C::TM);
@@ -148,10 +167,22 @@ int launch(const ForwardParams& p, int device, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Copy widths compiled: 16 and 4 bytes for fp32 (its rows are always 4-byte aligned); 16, 8, 4 and aligned spans
+// (0) for 16-bit types.
 struct ForwardLauncher {
-  template <class T, int CFG, bool SIMT, int VEC>
-  static int run(const ForwardParams& p, int device, cudaStream_t stream) {
-    return launch<T, CFG, SIMT, VEC>(p, device, stream);
+  int vec;
+  template <class T, int CFG, bool SIMT>
+  int run(const ForwardParams& p, int device, cudaStream_t stream) const {
+    switch (vec) {
+      case 16: return launch<T, CFG, SIMT, 16>(p, device, stream);
+      case 4: return launch<T, CFG, SIMT, 4>(p, device, stream);
+      default: break;
+    }
+    if constexpr (sizeof(T) == 2) {
+      if (vec == 8) return launch<T, CFG, SIMT, 8>(p, device, stream);
+      if (vec == 0) return launch<T, CFG, SIMT, 0>(p, device, stream);
+    }
+    return cudaErrorInvalidValue;
   }
 };
 
@@ -159,7 +190,7 @@ struct ForwardLauncher {
 
 int launch_forward(const ForwardParams& p, DType dtype, bool allow_tf32, int cfg, int vec, int device,
                    cudaStream_t stream) {
-  return dispatch<ForwardLauncher>(p, dtype, allow_tf32, cfg, vec, device, stream);
+  return dispatch(ForwardLauncher{vec}, p, dtype, allow_tf32, cfg, device, stream);
 }
 
 }  // namespace detail

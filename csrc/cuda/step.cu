@@ -1,8 +1,8 @@
 // The per-row step (goodness, loss, coefficients) and the orchestration of one FF layer step:
 //   GEMM 1 (forward_kernel.cu) -> row kernel (here) -> GEMM 2 with the fused update (grad_kernel.cu).
-// Also the planning: tile configuration and copy width per problem, and the workspace layout.
+// The planning (tile configurations, copy width, GEMM 2's split, workspace layout) is plan.h's, given the device's
+// SM count.
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 
 #include "common.cuh"
@@ -11,7 +11,7 @@ namespace ffk {
 namespace detail {
 namespace {
 
-constexpr int kRowThreads = 256;
+using planner::kRowThreads;
 
 struct RowParams {
   const float* partials;  // (T, M)
@@ -113,79 +113,13 @@ int num_sms(int device) {
   return sms;
 }
 
-// The widest copy (16, 8, 4 bytes, else one element) that every row of every listed matrix allows.
-int copy_width(int element, std::initializer_list<int64_t> row_elems, std::initializer_list<const void*> ptrs) {
-  for (int vec : {16, 8, 4}) {
-    if (vec < element || (element == 4 && vec == 8)) continue;  // fp32 variants: 16 or 4 bytes
-    bool ok = true;
-    for (int64_t n : row_elems) ok = ok && (n * element) % vec == 0;
-    for (const void* ptr : ptrs) ok = ok && (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % vec == 0);
-    if (ok) return vec;
-  }
-  return element;
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// 128 x 128 tiles when they fill the GPU at least once, else 64 x 64.
-int choose_cfg(int64_t rows, int64_t cols, int sms) {
-  int tm = 0, tn = 0;
-  cfg_tile(0, &tm, &tn);
-  return cdiv(rows, tm) * cdiv(cols, tn) >= sms ? 0 : 1;
-}
-
-size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-struct Workspace {
-  size_t partials, r, c, loss_parts, counter, total;
-};
-
-Workspace workspace_layout(const StepArgs& a, const Plan& plan) {
-  const int64_t M = a.P + (a.step ? a.Q : 0);
-  const int64_t row_blocks = cdiv(std::max(a.P, a.step ? a.Q : 0), kRowThreads);
-  Workspace w{};
-  size_t off = 0;
-  w.partials = off;
-  off += align256(sizeof(float) * plan.n_tiles * M);
-  w.r = off;
-  if (a.step && a.normalize != Normalize::none) off += align256(sizeof(float) * M);
-  w.c = off;
-  if (a.step) off += align256(sizeof(float) * M);
-  w.loss_parts = off;
-  if (a.step) off += align256(sizeof(float) * row_blocks);
-  w.counter = off;
-  if (a.step) off += 256;
-  w.total = off;
-  return w;
-}
-
 }  // namespace
-
-void cfg_tile(int cfg, int* tm, int* tn) {
-  *tm = cfg == 0 ? Cfg<0, float>::TM : Cfg<1, float>::TM;
-  *tn = cfg == 0 ? Cfg<0, float>::TN : Cfg<1, float>::TN;
-}
-
 }  // namespace detail
 
 Plan plan_step(const StepArgs& a) {
-  using namespace detail;
   int device = 0;
   cudaGetDevice(&device);
-  const int sms = num_sms(device);
-  const int element = element_size(a.dtype);
-  const int64_t M = a.P + (a.step ? a.Q : 0);
-  Plan plan;
-  plan.forward_cfg = choose_cfg(M, a.N, sms);
-  plan.grad_cfg = choose_cfg(a.N, a.K, sms);
-  plan.vec_forward = copy_width(element, {a.K}, {a.x_pos, a.step ? a.x_neg : nullptr, a.w});
-  // h is allocated by the caller (aligned); its rows are N elements long.
-  plan.vec_grad = copy_width(element, {a.K, a.N}, {a.x_pos, a.x_neg, a.h});
-  int tm = 0, tn = 0;
-  cfg_tile(plan.forward_cfg, &tm, &tn);
-  plan.n_tiles = cdiv(a.N, tn);
-  plan.workspace_bytes = workspace_layout(a, plan).total;
-  return plan;
+  return planner::make_plan(a, detail::num_sms(device));
 }
 
 int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stream_ptr) {
@@ -198,14 +132,14 @@ int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stre
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return err;
   if (major < 8) return kErrorArch;
-  const Workspace ws = workspace_layout(a, plan);
+  const planner::Workspace ws = planner::workspace_layout(a, plan);
   auto* base = static_cast<unsigned char*>(workspace);
   auto* partials = reinterpret_cast<float*>(base + ws.partials);
   float* r = a.step && a.normalize != Normalize::none ? reinterpret_cast<float*>(base + ws.r) : nullptr;
   float* c = reinterpret_cast<float*>(base + ws.c);
-  auto* counter = reinterpret_cast<unsigned*>(base + ws.counter);
-  if (a.step) {
-    err = cudaMemsetAsync(counter, 0, sizeof(unsigned), stream);
+  auto* counter = reinterpret_cast<unsigned*>(base + ws.counters);  // the row kernel's, then GEMM 2's tickets
+  if (ws.counter_bytes != 0) {
+    err = cudaMemsetAsync(counter, 0, ws.counter_bytes, stream);
     if (err != cudaSuccess) return err;
   }
 
@@ -247,7 +181,7 @@ int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stre
   rp.threshold = a.threshold;
   rp.alpha = a.alpha;
   rp.inv_rows = 1.f / static_cast<float>(a.loss == Loss::symba ? a.P : M);
-  const int64_t row_blocks = cdiv(std::max(a.P, fp.Q), kRowThreads);
+  const int64_t row_blocks = planner::cdiv(std::max(a.P, fp.Q), kRowThreads);
   ff_row_kernel<<<static_cast<unsigned>(row_blocks), kRowThreads, 0, stream>>>(rp);
   err = cudaGetLastError();
   if (err != cudaSuccess || !a.step) return err;
@@ -262,13 +196,19 @@ int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stre
   gp.b = const_cast<void*>(a.b);
   gp.grad_w = a.grad_w;
   gp.grad_b = a.grad_b;
+  if (plan.grad_split > 1) {
+    const planner::SplitWorkspace split = planner::split_workspace(a.N, a.K, plan.grad_cfg, plan.grad_split);
+    gp.partials = reinterpret_cast<float*>(base + ws.grad_partials);
+    gp.bias_partials = gp.partials + split.weight_bytes / sizeof(float);
+    gp.tickets = counter + 1;
+  }
   gp.P = a.P;
   gp.M = M;
   gp.N = a.N;
   gp.K = a.K;
   gp.coef_scale = static_cast<float>(coefficient_scale(a.loss, a.P, a.Q, a.kappa, a.alpha));
   gp.opt = a.opt;
-  return launch_grad(gp, a.dtype, a.allow_tf32, plan.grad_cfg, plan.vec_grad, device, stream);
+  return launch_grad(gp, a.dtype, a.allow_tf32, plan.grad_cfg, plan.grad_split, device, stream);
 }
 
 const char* error_string(int code) {

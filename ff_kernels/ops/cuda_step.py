@@ -1,10 +1,18 @@
 """The C++/CUDA extension backend (``backend="cuda"``): the ``torch.ops.ff_kernels_ext`` operators.
 
-The operators (schemas in ``csrc/ops.cpp``) have two implementations: a C++ CPU one, the closed-form step of
-``ops/torch_step.py`` through ATen, and the CUDA kernels of ``csrc/cuda`` (three launches: GEMM 1 with the
-row-norm/bias/ReLU/sum-of-squares epilogue, the per-row loss and coefficient, GEMM 2 with the optimizer update
-fused into its epilogue). The backend therefore serves CPU tensors everywhere the extension is built, and CUDA
-tensors where it was built with nvcc.
+One extension, two devices (the name is DESIGN 2's: the backend is the compiled extension, whichever device it runs
+on):
+
+- CPU tensors: the fused CPU step of ``csrc/cpu`` (``cpu_step_``, ``cpu_forward``), what ``backend="auto"`` picks on
+  the CPU wherever the extension is built. Two ATen GEMMs (MKL/oneDNN; bf16 and fp16 with fp32 accumulation) and
+  three fused vector passes (row norms with the scaled copy of x and the finiteness scan; bias, ReLU, goodness,
+  loss, coefficients, GEMM 2's operand and grad_b; the optimizer update), each one parallel loop compiled for
+  ATen's CPU capability. ``compute_dtype`` runs the GEMMs in another dtype than the parameters' (bf16 with fp32
+  master weights). The checks a step needs beyond the public boundary's, the finiteness scan included, are in the
+  same call, so a step costs one operator call from Python.
+- CUDA tensors: the kernels of ``csrc/cuda`` (GEMM 1 with the row-norm/bias/ReLU/sum-of-squares epilogue, the
+  per-row loss and coefficient, GEMM 2 with the optimizer update fused into its epilogue), where the extension was
+  built with nvcc. The GEMMs run in the parameters' dtype.
 
 Loading, on first use:
 
@@ -16,15 +24,16 @@ Loading, on first use:
 Otherwise the backend is unavailable and :func:`extension_unavailable_reason` says why and how to build it;
 importing ``ff_kernels`` never fails for want of the extension.
 
-Precision: fp32 inputs use the exact fp32 (CUDA-core) kernels unless PyTorch's TF32 matmul switch is on
+Precision on CUDA: fp32 inputs use the exact fp32 (CUDA-core) kernels unless PyTorch's TF32 matmul switch is on
 (``torch.backends.cuda.matmul.allow_tf32`` or ``fp32_precision = "tf32"``), then TF32 tensor cores; bf16/fp16
-use tensor cores. Accumulation, goodness, loss and optimizer state are fp32.
+use tensor cores. Accumulation, goodness, loss and optimizer state are fp32 on both devices.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -54,10 +63,13 @@ def _jit_build() -> None:
     )
     if with_cuda:
         sources += [*sorted((_CSRC / "cuda").glob("*.cpp")), *sorted((_CSRC / "cuda").glob("*.cu"))]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # as setup.py: at::parallel_for needs it
+    warnings = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]  # as setup.py
     cpp_extension.load(
         name="ff_kernels_ext_cuda" if with_cuda else "ff_kernels_ext_cpu",
         sources=[str(s) for s in sources],
-        extra_cflags=["-O3", f"-DFF_KERNELS_WITH_CUDA={int(with_cuda)}"],
+        extra_cflags=["-O3", *warnings, *openmp, f"-DFF_KERNELS_WITH_CUDA={int(with_cuda)}"],
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3"],
         with_cuda=with_cuda,
         is_python_module=False,
@@ -164,6 +176,26 @@ def _on_loaded() -> None:
     def _(x_pos, x_neg, w, b, *args):
         return _step_outputs(x_pos, x_neg, w)
 
+    @register("ff_kernels_ext::cpu_step_")
+    def _(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha, compute_dtype,
+          check_finite, optimizer, state, hyper):
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        grad_w = torch.empty_like(w) if optimizer == 0 else w.new_empty((0,))
+        grad_b = torch.empty_like(b) if optimizer == 0 and b is not None else w.new_empty((0,))
+        return (
+            w.new_empty((), dtype=acc),
+            w.new_empty((x_pos.shape[0],), dtype=acc),
+            w.new_empty((x_neg.shape[0],), dtype=acc),
+            w.new_empty((x_pos.shape[0] + x_neg.shape[0], w.shape[0]), dtype=compute_dtype),
+            grad_w,
+            grad_b,
+        )
+
+    @register("ff_kernels_ext::cpu_forward")
+    def _(x, w, b, kappa, normalize, eps, compute_dtype, check_finite):
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype), x.new_empty((x.shape[0],), dtype=acc)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The functions ff_kernels.functional calls (inputs already checked there).
@@ -180,6 +212,41 @@ def _tf32_allowed(t: torch.Tensor) -> bool:
     return bool(matmul.allow_tf32)
 
 
+def _optimizer_args(
+    optimizer: FusedOptimizer | None, w: torch.Tensor, b: torch.Tensor | None
+) -> tuple[int, list[torch.Tensor], list[float]]:
+    """``cpu_step_``'s (optimizer, state, hyper) for an ff_kernels.optim optimizer (layouts in csrc/ops.cpp);
+    advances its state for the step, as the fused update is applied (:func:`_undo_optimizer_args` takes it back)."""
+    if optimizer is None:
+        return 0, [], []
+    if isinstance(optimizer, SGD):
+        bufs, firsts = optimizer.fused_state(w, b)
+        hyper = [optimizer.lr, optimizer.momentum, optimizer.dampening, optimizer.weight_decay, optimizer.nesterov,
+                 *firsts]
+        return 1, [t for t in bufs if t is not None], hyper
+    if isinstance(optimizer, Adam):
+        moments, corrections = optimizer.fused_state(w, b)
+        hyper = [optimizer.lr, *optimizer.betas, optimizer.eps, optimizer.weight_decay,
+                 optimizer.decoupled_weight_decay, *corrections]
+        return 2, [t for t in moments if t is not None], hyper
+    raise TypeError(f"the cuda backend has no fused update for {type(optimizer).__name__}")
+
+
+def _undo_optimizer_args(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None, hyper: list) -> None:
+    """Take back what :func:`_optimizer_args` advanced, for a step the operator refused before writing anything:
+    Adam's step count (a first step's state goes entirely), SGD's momentum buffers created for a first step."""
+    for i, (name, p) in enumerate((("weight", w), ("bias", b))):
+        if p is None:
+            continue
+        state = optimizer.check_holds(name, p)
+        if isinstance(optimizer, Adam):
+            state["step"] -= 1
+            if state["step"] == 0:
+                state.clear()
+        elif hyper[5 + i]:
+            del state["momentum_buffer"]
+
+
 def ff_linear_step_cuda(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -189,10 +256,20 @@ def ff_linear_step_cuda(
     offset_pos: torch.Tensor | None = None,
     offset_neg: torch.Tensor | None = None,
     optimizer: FusedOptimizer | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    check_finite: bool = False,
 ) -> FFStepOutput:
-    """One FF layer step through the extension; with an optimizer, the update is applied in place (on CUDA in the
-    GEMM 2 epilogue) and the gradients are not returned."""
+    """One FF layer step through the extension; with an optimizer, the update is applied in place and the gradients
+    are not returned.
+
+    ``compute_dtype`` (default: w's dtype) and ``check_finite`` (a ValueError naming the input or offset that holds a
+    NaN or an infinity, raised before anything is written) are the CPU operator's; the CUDA kernels run in w's dtype
+    and leave the finiteness check to ``ff_kernels.functional``, which never asks them for it."""
     _require(w.device)
+    if w.device.type == "cpu":
+        return _cpu_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer, compute_dtype, check_finite)
+    _check_cuda_options(w, compute_dtype, check_finite)
     ops = torch.ops.ff_kernels_ext
     rows_pos = x_pos.shape[0]
     step_args = (
@@ -224,11 +301,73 @@ def ff_linear_step_cuda(
     return FFStepOutput.from_stacked(loss, g, h, rows_pos, grad_w, grad_b)
 
 
+def _cpu_step(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    optimizer: FusedOptimizer | None,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+) -> FFStepOutput:
+    """One call of the fused CPU operator. Its checks (the finiteness scan among them) raise before it writes
+    anything, but the optimizer has already advanced its state for the step: that is taken back, so a step refused
+    for a NaN input leaves the optimizer as it was."""
+    kind, state, hyper = _optimizer_args(optimizer, w, b)
+    try:
+        loss, g_pos, g_neg, h, grad_w, grad_b = torch.ops.ff_kernels_ext.cpu_step_.default(
+            x_pos, x_neg, w, b, offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize,
+            opts.eps, opts.alpha, w.dtype if compute_dtype is None else compute_dtype, check_finite, kind, state,
+            hyper,
+        )
+    except ValueError:
+        if optimizer is not None:
+            _undo_optimizer_args(optimizer, w, b, hyper)
+        raise
+    h_pos, h_neg = torch.split_with_sizes(h, (x_pos.shape[0], x_neg.shape[0]))  # one dispatch for both views
+    if optimizer is not None:
+        return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, None, None)
+    return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, None if b is None else grad_b)
+
+
+def cpu_kernels() -> str:
+    """The CPU capability the fused CPU passes run with on this machine ("AVX512", "AVX2" or "DEFAULT": ATen's,
+    which ``ATEN_CPU_CAPABILITY`` overrides)."""
+    _require(torch.device("cpu"))
+    return torch.ops.ff_kernels_ext.cpu_kernels()
+
+
+def _check_cuda_options(w: torch.Tensor, compute_dtype: torch.dtype | None, check_finite: bool) -> None:
+    if compute_dtype is not None and compute_dtype != w.dtype:
+        raise NotImplementedError(
+            f"the extension's CUDA kernels run in the parameters' dtype ({w.dtype}); compute_dtype={compute_dtype} "
+            "is the CPU operator's (or backend='torch')"
+        )
+    if check_finite:
+        raise NotImplementedError("the extension's CUDA kernels do not scan for NaN/inf; ff_kernels.functional does")
+
+
 def ff_linear_forward_cuda(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, kappa: float, normalize: str, eps: float
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    *,
+    kappa: float,
+    normalize: str,
+    eps: float,
+    compute_dtype: torch.dtype | None = None,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference, GEMM 1 alone: h (x's dtype) and goodness g (fp32), DESIGN 1.1-1.3."""
+    """Inference, GEMM 1 alone: h (in the compute dtype) and goodness g (fp32), DESIGN 1.1-1.3; ``compute_dtype``
+    and ``check_finite`` as in :func:`ff_linear_step_cuda`."""
     _require(w.device)
+    if w.device.type == "cpu":
+        compute = w.dtype if compute_dtype is None else compute_dtype
+        return torch.ops.ff_kernels_ext.cpu_forward.default(x, w, b, kappa, normalize, eps, compute, check_finite)
+    _check_cuda_options(w, compute_dtype, check_finite)
     return torch.ops.ff_kernels_ext.forward(x, w, b, kappa, normalize, eps, _tf32_allowed(w))
 
 

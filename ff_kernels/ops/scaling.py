@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ff_kernels._options import StepOptions
+from ff_kernels._options import ClassStepOptions, StepOptions
 
 
 def coefficient_scale(opts: StepOptions, rows_pos: int, rows_neg: int) -> float:
@@ -28,6 +28,18 @@ def coefficient_scale(opts: StepOptions, rows_pos: int, rows_neg: int) -> float:
     """
     rows = rows_pos if opts.loss == "symba" else rows_pos + rows_neg
     bound = 2.0 * opts.kappa * (abs(opts.alpha) if opts.loss == "symba" else 1.0) / max(rows, 1)
+    return power_of_two_above(bound)
+
+
+def class_coefficient_scale(opts: ClassStepOptions, rows: int) -> float:
+    """A power of two >= max |c_bk| for the class-goodness loss (DESIGN 7): |softmax - one-hot| <= 1, so
+    |c_bk| <= 2 kappa / (B tau). The same operand rule then holds for convolutions: GEMM 2 (the weight gradient)
+    reads (c / 2^s) h and r x, and 2^s is undone in fp32."""
+    return power_of_two_above(2.0 * opts.kappa / (max(rows, 1) * opts.temperature))
+
+
+def power_of_two_above(bound: float) -> float:
+    """The power of two in (bound, 2 bound] (1 for a bound that is not a positive finite number)."""
     if not bound > 0.0 or not math.isfinite(bound):
         return 1.0
     return math.ldexp(1.0, math.frexp(bound)[1])

@@ -1,5 +1,6 @@
-"""What the Triton kernels of the linear FF step share: option codes, autotune configurations and key, the jit
-helpers (softplus, sigmoid, rounding casts), the precision switch and the launchers' input checks.
+"""What the Triton kernels of the linear FF step share: option codes, autotune configurations (per precision) and
+key, the jit helpers (softplus, sigmoid, rounding casts, alignment hints), the precision switch, the SM count and
+the launchers' input checks.
 
 Precision: bf16/fp16 operands feed ``tl.dot`` with fp32 accumulation; fp32 operands use TF32 only when PyTorch's
 cuBLAS switch allows it (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``allow_tf32 = True`` and
@@ -9,7 +10,9 @@ Every downcast rounds to nearest even (see ``cast`` for the interpreter).
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -21,30 +24,56 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NORMALIZE_CODE = {"none": 0, "l2": 1, "rms": 2}
 LOSS_CODE = {"logistic": 0, "symba": 1}
 OPT_NONE, OPT_SGD, OPT_ADAM = 0, 1, 2
+H100_SMS = 132
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autotune configurations. The interpreter runs one config (it cannot benchmark); on a GPU a small set keyed on
-# (M_BUCKET, N, K, INPUT_PRECISION) (the autotuner adds the dtypes): square-ish 128/64 tiles for the
-# compute-bound large shapes and 64-wide tiles so that small N*K layers (GEMM 2 has N/BN x K/BK programs) still
-# fill the SMs.
+# Autotune configurations, per operand precision: "bf16" and "fp16" feed the tensor cores 2-byte operands, "tf32"
+# 4-byte ones (half the tile per byte of shared memory), and "ieee" fp32 runs an FMA dot, which holds its operand
+# slices in registers and so wants small tiles. Every config compiles without spills and within the shared memory
+# of sm_80 and sm_90, and the MMA configs keep the dot's M side (GEMM 1's rows, GEMM 2's BLOCK_N) at 64 or more with
+# a multiple of 4 warps, the shape wgmma needs on sm_90. The autotuner holds their union and its early prune keeps
+# the precision's list (``by_precision``); the key is (M_BUCKET, N, K, INPUT_PRECISION) plus the dtypes the
+# autotuner adds. The interpreter runs one small config (it cannot benchmark, and tl.dot is exact there); the GPU
+# tables stay importable for the compile report and the wave checks.
 # ---------------------------------------------------------------------------------------------------------------
+PRECISIONS = ("bf16", "fp16", "tf32", "ieee")
+
+
+def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in blocks
+    ]
+
+
+_FORWARD_16 = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)])
+_FORWARD_TF32 = _configs([(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)])
+_FORWARD_IEEE = _configs([(128, 128, 8, 8, 3), (128, 64, 8, 4, 3), (64, 64, 16, 4, 3), (32, 64, 8, 4, 3)])
+# GEMM 2: BLOCK_N x BLOCK_K is the weight tile (the dot's M x N), BLOCK_M the rows reduced per step.
+_GRAD_16 = _configs([(64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)])
+_GRAD_TF32 = _configs([(32, 128, 128, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (32, 64, 64, 4, 4)])
+_GRAD_IEEE = _configs([(8, 128, 128, 8, 3), (16, 64, 64, 4, 3), (8, 64, 64, 4, 3), (8, 32, 64, 4, 3)])
+GPU_FORWARD_CONFIGS = {"bf16": _FORWARD_16, "fp16": _FORWARD_16, "tf32": _FORWARD_TF32, "ieee": _FORWARD_IEEE}
+GPU_GRAD_CONFIGS = {"bf16": _GRAD_16, "fp16": _GRAD_16, "tf32": _GRAD_TF32, "ieee": _GRAD_IEEE}
+
 if INTERPRETED:
-    FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    GRAD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    _ONE = _configs([(32, 32, 32, 4, 1)])
+    FORWARD_CONFIGS_BY_PRECISION = dict.fromkeys(PRECISIONS, _ONE)
+    GRAD_CONFIGS_BY_PRECISION = dict.fromkeys(PRECISIONS, _ONE)
 else:
-    FORWARD_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
-    GRAD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
+    FORWARD_CONFIGS_BY_PRECISION = GPU_FORWARD_CONFIGS
+    GRAD_CONFIGS_BY_PRECISION = GPU_GRAD_CONFIGS
+
+
+def _union(table: dict[str, list[triton.Config]]) -> list[triton.Config]:
+    """Each config once (bf16 and fp16 share theirs): the autotuner's list, which ``by_precision`` narrows."""
+    return list({id(c): c for configs in table.values() for c in configs}.values())
+
+
+FORWARD_CONFIGS = _union(FORWARD_CONFIGS_BY_PRECISION)
+GRAD_CONFIGS = _union(GRAD_CONFIGS_BY_PRECISION)
 MIN_FORWARD_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in FORWARD_CONFIGS)
 # Argument names; INPUT_PRECISION is a constexpr, which every triton 3.x puts in the key (3.0/3.1 index the key by
 # position among the arguments passed, so every argument before it must be passed: only BLOCK_* are left out).
@@ -84,9 +113,48 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def aligned(x, ALIGN: tl.constexpr):
+    """``x``, which the launcher guarantees is a multiple of ``ALIGN``, in a form Triton's alignment analysis reads
+    (``tl.multiple_of`` does not attach to a scalar argument, and Triton only specializes multiples of 16). A row
+    length of 500 then vectorizes as 4-element (8-byte bf16) groups, cp.async included, instead of scalar loads."""
+    return (x // ALIGN) * ALIGN
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # host helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def alignment(n: int) -> int:
+    """The largest power of two <= 16 that divides ``n``: the ``ALIGN`` that ``aligned`` may claim for it."""
+    return min(16, n & -n) if n > 0 else 16
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's SM count, which sizes the grids; an H100's 132 where there is no CUDA device (interpreter)."""
+    if device.type != "cuda":
+        return H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def precision_name(dtype: torch.dtype, input_precision: str) -> str:
+    """The config family of an operand dtype and ``tl.dot`` input precision: "bf16", "fp16", "tf32" or "ieee"."""
+    if dtype == torch.float32:
+        return input_precision
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def by_precision(table: dict[str, list[triton.Config]]) -> Callable[..., list[triton.Config]]:
+    """An autotuner ``early_config_prune`` that keeps the configs of the launch's precision (the operand dtype is
+    that of ``xp_ptr``, the first argument of both GEMMs)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        precision = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION"))
+        return table[precision_name(named_args["xp_ptr"].dtype, precision)]
+
+    return prune
 
 
 def tf32_allowed() -> bool:

@@ -7,6 +7,10 @@ ReLU, stores h (stacked, (P+Q, N), in x's dtype) and writes the tile's partial s
 buffer, T = number of N tiles. No atomics: the reduction over N tiles is deterministic and is done by the row
 kernel, which reads the rows anyway; the buffer is T*4 bytes per row, at most 3% of h for bf16 with BLOCK_N >= 64.
 The grid is one-dimensional (CUDA allows 2^31 - 1 programs on axis 0, 65535 on the others), so any batch fits.
+N and K reach the kernel with their power-of-two divisors (``ALIGN_N``, ``ALIGN_K``, at most 16) made visible: rows
+of 500 elements then move as 4-element vectors (cp.async of 8 bytes in bf16/fp16, 16 in fp32) instead of one element
+at a time. 16-byte copies in bf16, and TMA (16-byte row strides), would need rows padded to a multiple of 8 elements,
+which contiguous tensors of width 500 (the user's x and weight, and h as the contract returns it) do not have.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import triton.language as tl
 
 from ff_kernels.ops.triton.common import (
     FORWARD_CONFIGS,
+    FORWARD_CONFIGS_BY_PRECISION,
     INTERPRETED,
     MIN_FORWARD_BLOCK_N,
     NORMALIZE_CODE,
     TUNING_KEY,
+    aligned,
+    alignment,
+    by_precision,
     cast,
     check_layer,
     check_rows,
@@ -101,7 +109,11 @@ def _forward_tile(
     tl.store(part_ptr + pid_n.to(tl.int64) * M + out_rows, tl.sum(h_sq, axis=1), mask=m_mask)
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=TUNING_KEY)
+@triton.autotune(
+    configs=FORWARD_CONFIGS,
+    key=TUNING_KEY,
+    prune_configs_by={"early_config_prune": by_precision(FORWARD_CONFIGS_BY_PRECISION)},
+)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def ff_forward_kernel(
     xp_ptr,
@@ -123,6 +135,8 @@ def ff_forward_kernel(
     STORE_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGN_N: tl.constexpr,
+    ALIGN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -132,6 +146,8 @@ def ff_forward_kernel(
     N tiles vary fastest, so consecutive programs reuse one x row tile while the weight stays in L2. ``M_BUCKET``
     is only the autotuner's key.
     """
+    N = aligned(N, ALIGN_N)
+    K = aligned(K, ALIGN_K)
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_n = pid % tiles_n
@@ -255,6 +271,8 @@ def launch_forward(
         STORE_R=r is not None,
         INPUT_PRECISION=precision,
         INTERPRET=INTERPRETED,
+        ALIGN_N=alignment(n),
+        ALIGN_K=alignment(k),
     )
     tiles_n = triton.cdiv(n, ff_forward_kernel.best_config.kwargs["BLOCK_N"])
     return h, r, partials, tiles_n

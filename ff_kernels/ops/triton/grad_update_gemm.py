@@ -1,16 +1,28 @@
 """GEMM 2 of the FF step, with the optimizer update in its epilogue, and its launcher.
 
-Each program owns one (BLOCK_N, BLOCK_K) tile of grad_weight and reduces over all P+Q rows (the positive rows,
-then the negative rows), forming the operands of ``ff_kernels.ops.scaling`` as the tiles are loaded: h scaled by
-c_i / 2^s, x by r_i (neither scaled h nor normalised x exists in memory), 2^s undone on the fp32 accumulator.
-Programs with ``pid_k == 0`` also reduce grad_bias = sum_i c_i h_i for their N range. The epilogue either stores
-the gradients or applies the optimizer update (SGD with momentum/dampening/nesterov/weight decay, Adam, AdamW) in
-place to the weight tile, the bias slice and their fp32 state, in fp32, rounding the parameter once when it is
-stored. The autotuner's hooks undo each benchmarked config's in-place update.
+grad_weight = 2^s ((c / 2^s) h)^T (r x): the operands of ``ff_kernels.ops.scaling`` are formed as the tiles are
+loaded (neither scaled h nor normalised x exists in memory) and 2^s is undone on the fp32 accumulator. Programs
+with ``pid_k == 0`` also reduce grad_bias = sum_i c_i h_i for their N range. The epilogue either stores the
+gradients or applies the optimizer update (SGD with momentum/dampening/nesterov/weight decay, Adam, AdamW) in
+place to the weight tile, the bias slice and their fp32 state, in fp32, rounding the parameter once when stored.
+It walks the tile in column blocks of at most 2048 elements, so that Adam's parameter, two moments and gradient
+stay in registers next to the accumulator.
+
+Row split. A layer of 784 x 500 has 28 weight tiles of 128 x 128: a fraction of an H100's 132 SMs, each looping
+over every row. When the tiles fill less than a wave, the rows are split into S contiguous ranges (S from the
+tiles, the rows and the SM count, at most ``MAX_SPLITS``) and program (split, tile) reduces one range into an fp32
+workspace slab. The program that arrives last at a tile (an atomic counter per tile, which it resets) sums the S
+slabs in split order and applies the epilogue once: the result does not depend on which program came last, so two
+runs agree bit for bit, and the optimizer sees each element exactly once. The workspace (S fp32 copies of the
+weight) and the zeroed counters are allocated per launch; configs that cannot fill a wave within ``MAX_SPLITS``
+splits are pruned for the shape (``grad_candidates``), and batches under 2 ``MIN_SPLIT_ROWS`` rows, launch-bound,
+do not split. The autotuner's hooks undo each benchmarked config's in-place update. N and K carry alignment hints
+as in GEMM 1 (``forward_gemm``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -20,13 +32,27 @@ import triton.language as tl
 
 from ff_kernels.ops.triton.common import (
     GRAD_CONFIGS,
+    GRAD_CONFIGS_BY_PRECISION,
     INTERPRETED,
     NORMALIZE_CODE,
     OPT_NONE,
     TUNING_KEY,
+    aligned,
+    alignment,
     cast,
+    precision_name,
+    sm_count,
     tuning_args,
 )
+
+# A split reduces at least this many rows: writing and reading back its fp32 partial tile then costs at most a
+# quarter of the h and x traffic of its rows (128 x 128 tiles in bf16). Smaller batches are launch-bound and do not
+# split (no workspace, no counter memset).
+MIN_SPLIT_ROWS = 1024
+# At most this many fp32 copies of the weight as workspace, and as many partial tiles summed by the last program.
+MAX_SPLITS = 4
+# The epilogue's column blocks hold at most this many elements (16 per thread at 4 warps).
+EPILOGUE_ELEMENTS = tl.constexpr(2048)
 
 
 class RestoreInPlace:
@@ -62,6 +88,63 @@ class RestoreInPlace:
 GRAD_RESTORE = RestoreInPlace(("w_ptr", "b_ptr", "s1w_ptr", "s2w_ptr", "s1b_ptr", "s2b_ptr"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# split policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def weight_tiles(n: int, k: int, meta: Mapping[str, Any]) -> int:
+    """GEMM 2's (BLOCK_N, BLOCK_K) tiles of an (n, k) weight: its programs per split."""
+    return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
+
+
+def split_count(tiles: int, rows: int, sms: int) -> int:
+    """Row splits of GEMM 2: none once the weight tiles fill a wave of the SMs; otherwise the fewest that do (more
+    only lengthen the last program's sum and the workspace), at most ``MAX_SPLITS`` and ``MIN_SPLIT_ROWS`` rows
+    each."""
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), MAX_SPLITS, rows // MIN_SPLIT_ROWS))
+
+
+def grad_candidates(
+    precision: str,
+    n: int,
+    k: int,
+    rows: int,
+    sms: int,
+    table: Mapping[str, list[triton.Config]] = GRAD_CONFIGS_BY_PRECISION,
+) -> list[triton.Config]:
+    """The precision's configs that fill a wave of ``sms`` SMs with at most ``split_count`` splits, or, where none
+    can (a small layer at a small batch: launch-bound), those with the most weight tiles."""
+    configs = table[precision]
+    tiles = {id(c): weight_tiles(n, k, c.kwargs) for c in configs}
+    full = [c for c in configs if tiles[id(c)] * split_count(tiles[id(c)], rows, sms) >= sms]
+    if full:
+        return full
+    most = max(tiles.values())
+    return [c for c in configs if tiles[id(c)] == most]
+
+
+@functools.lru_cache(maxsize=256)
+def split_workspace(precision: str, n: int, k: int, rows: int, sms: int, splits: int | None) -> tuple[int, int]:
+    """What a launch's workspace must hold for every candidate config: (most splits, most weight tiles); ``splits``
+    forces the split of every config."""
+    candidates = grad_candidates(precision, n, k, rows, sms)
+    most_splits = max(splits or split_count(weight_tiles(n, k, c.kwargs), rows, sms) for c in candidates)
+    return most_splits, max(weight_tiles(n, k, c.kwargs) for c in candidates)
+
+
+def prune_grad_configs(
+    configs: list[triton.Config], named_args: Mapping[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """The autotuner's early prune: ``grad_candidates`` for the launch's precision, shape and device."""
+    args = {**named_args, **kwargs}
+    h = args["h_ptr"]
+    precision = precision_name(h.dtype, args["INPUT_PRECISION"])
+    return grad_candidates(precision, args["N"], args["K"], args["M"], sm_count(h.device))
+
+
 @triton.jit
 def _grad_rows(
     acc,
@@ -70,7 +153,8 @@ def _grad_rows(
     h_ptr,
     c_ptr,
     r_ptr,
-    rows,
+    row_lo,
+    row_hi,
     h_row0,
     N,
     K,
@@ -86,12 +170,12 @@ def _grad_rows(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """acc += ((c / 2^s) h)^T (r x) over the ``rows`` rows of one batch, whose h/c/r rows start at stacked row
+    """acc += ((c / 2^s) h)^T (r x) over rows [row_lo, row_hi) of one batch, whose h/c/r rows start at stacked row
     ``h_row0``: |c_i / 2^s| <= 1 and |r_i x_ik| <= 1, so neither low-precision operand can overflow."""
     offs_m = tl.arange(0, BLOCK_M)
-    for m0 in range(0, rows, BLOCK_M):
+    for m0 in range(row_lo, row_hi, BLOCK_M):
         rr = m0 + offs_m
-        m_mask = rr < rows
+        m_mask = rr < row_hi
         stacked = h_row0 + rr
         h = tl.load(
             h_ptr + stacked.to(tl.int64)[:, None] * N + offs_n[None, :],
@@ -185,7 +269,62 @@ def _adam_update(
     tl.store(p_ptr + offs, cast(p, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@triton.autotune(configs=GRAD_CONFIGS, key=TUNING_KEY, pre_hook=GRAD_RESTORE.save, post_hook=GRAD_RESTORE.restore)
+@triton.jit
+def _sum_splits(
+    acc,
+    gb,
+    ws_ptr,
+    wsb_ptr,
+    count_ptr,
+    split,
+    splits,
+    tile_id,
+    tile,
+    tile_mask,
+    offs_n,
+    n_mask,
+    N,
+    K,
+    bias_tile,
+    HAS_BIAS: tl.constexpr,
+):
+    """Publish this split's partial tile; the last of the tile's ``splits`` programs to arrive gets the sum of all
+    partials in split order (and resets the counter for the next launch). Returns (acc, gb, is_last)."""
+    slab = N.to(tl.int64) * K
+    tl.store(ws_ptr + split * slab + tile, acc, mask=tile_mask)
+    if HAS_BIAS:
+        if bias_tile:
+            tl.store(wsb_ptr + split * N + offs_n, gb, mask=n_mask)
+    # Every thread's partial is stored before the release of the CTA's arrival; the acquire orders the reads of the
+    # other partials after their programs' releases (loads bypass L1, which is not coherent).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    is_last = arrived == splits - 1
+    if is_last:
+        acc = tl.zeros_like(acc)
+        gb = tl.zeros_like(gb)
+        for s in range(0, splits):
+            acc += tl.load(ws_ptr + s * slab + tile, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                if bias_tile:
+                    gb += tl.load(wsb_ptr + s * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    return acc, gb, is_last
+
+
+@triton.jit
+def _column_block(tile3, j: tl.constexpr, BLOCKS: tl.constexpr):
+    """Column block ``j`` of a tile viewed as (rows, BLOCKS, columns // BLOCKS): a register selection."""
+    return tl.sum(tl.where(tl.arange(0, BLOCKS)[None, :, None] == j, tile3, 0.0), axis=1)
+
+
+@triton.autotune(
+    configs=GRAD_CONFIGS,
+    key=TUNING_KEY,
+    prune_configs_by={"early_config_prune": prune_grad_configs},
+    pre_hook=GRAD_RESTORE.save,
+    post_hook=GRAD_RESTORE.restore,
+)
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def ff_grad_update_kernel(
     xp_ptr,
@@ -201,6 +340,9 @@ def ff_grad_update_kernel(
     s2w_ptr,
     s1b_ptr,
     s2b_ptr,
+    ws_ptr,
+    wsb_ptr,
+    count_ptr,
     P,
     Q,
     M,
@@ -228,28 +370,43 @@ def ff_grad_update_kernel(
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     DECOUPLED: tl.constexpr,
+    SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ALIGN_N: tl.constexpr,
+    ALIGN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """GEMM 2 over all rows for one weight tile, then the gradient store or the fused in-place update.
+    """GEMM 2 over one row range for one weight tile, then the gradient store or the fused in-place update.
 
-    Grid (K tiles * N tiles,), K tiles fastest. s1*/s2* are the state tensors: the SGD momentum buffer (s1) or
-    Adam's exp_avg (s1) and exp_avg_sq (s2), for the weight (w) and the bias (b). ``M_BUCKET`` is only the
+    Grid (splits * K tiles * N tiles,), K tiles fastest, then N tiles, then splits: the number of splits is the
+    grid over the tiles. ``SPLIT`` says a workspace (``ws``: splits x N x K, ``wsb``: splits x N, fp32) and zeroed
+    per-tile counters were passed, so the grid may split. s1*/s2* are the state tensors: the SGD momentum buffer
+    (s1) or Adam's exp_avg (s1) and exp_avg_sq (s2), for the weight (w) and the bias (b). ``M_BUCKET`` is only the
     autotuner's key.
     """
+    N = aligned(N, ALIGN_N)
+    K = aligned(K, ALIGN_K)
     pid = tl.program_id(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
-    pid_k = pid % tiles_k
-    pid_n = pid // tiles_k
+    tiles = tl.cdiv(N, BLOCK_N) * tiles_k
+    split = pid // tiles
+    tile_id = pid - split * tiles
+    pid_k = tile_id % tiles_k
+    pid_n = tile_id // tiles_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     k_mask = offs_k < K
     bias_tile = pid_k == 0
 
+    # This split's stacked rows [lo, hi): whole BLOCK_M steps, the positive rows first.
+    splits = tl.num_programs(0) // tiles
+    span = tl.cdiv(tl.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    lo = tl.minimum(split * span, M)
+    hi = tl.minimum(lo + span, M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     gb = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc, gb = _grad_rows(
@@ -259,7 +416,8 @@ def ff_grad_update_kernel(
         h_ptr,
         c_ptr,
         r_ptr,
-        P,
+        lo,
+        tl.minimum(hi, P),
         0,
         N,
         K,
@@ -282,7 +440,8 @@ def ff_grad_update_kernel(
         h_ptr,
         c_ptr,
         r_ptr,
-        Q,
+        tl.maximum(lo, P) - P,
+        hi - P,
         P,
         N,
         K,
@@ -298,40 +457,51 @@ def ff_grad_update_kernel(
         INTERPRET,
         BLOCK_M,
     )
-    grad_w = acc * coef_scale
 
-    tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    tile_mask = n_mask[:, None] & k_mask[None, :]
-    if OPT == 0:
-        tl.store(gw_ptr + tile, cast(grad_w, gw_ptr.dtype.element_ty, INTERPRET), mask=tile_mask)
-        if HAS_BIAS:
-            if bias_tile:
-                tl.store(gb_ptr + offs_n, cast(gb, gb_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
-    elif OPT == 1:
-        _sgd_update(
-            w_ptr,
-            s1w_ptr,
-            tile,
-            grad_w,
-            tile_mask,
-            first_w,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            MOMENTUM,
-            NESTEROV,
-            INTERPRET,
-        )
-        if HAS_BIAS:
-            if bias_tile:
+    # A split publishes its partial tile; only the last to arrive goes on, with the sum over splits in split order.
+    finish = True
+    if SPLIT:
+        if splits > 1:
+            tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+            tile_mask = n_mask[:, None] & k_mask[None, :]
+            acc, gb, finish = _sum_splits(
+                acc,
+                gb,
+                ws_ptr,
+                wsb_ptr,
+                count_ptr,
+                split,
+                splits,
+                tile_id,
+                tile,
+                tile_mask,
+                offs_n,
+                n_mask,
+                N,
+                K,
+                bias_tile,
+                HAS_BIAS,
+            )
+    # The epilogue, in column blocks small enough for the update's operands to stay in registers.
+    if finish:
+        BLOCKS: tl.constexpr = (BLOCK_N * BLOCK_K + EPILOGUE_ELEMENTS - 1) // EPILOGUE_ELEMENTS
+        SUB_K: tl.constexpr = BLOCK_K // BLOCKS
+        grad3 = tl.reshape(acc * coef_scale, (BLOCK_N, BLOCKS, SUB_K))
+        for j in tl.static_range(BLOCKS):
+            offs_kj = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
+            tile_j = offs_n.to(tl.int64)[:, None] * K + offs_kj[None, :]
+            mask_j = n_mask[:, None] & (offs_kj < K)[None, :]
+            grad_j = _column_block(grad3, j, BLOCKS)
+            if OPT == 0:
+                tl.store(gw_ptr + tile_j, cast(grad_j, gw_ptr.dtype.element_ty, INTERPRET), mask=mask_j)
+            elif OPT == 1:
                 _sgd_update(
-                    b_ptr,
-                    s1b_ptr,
-                    offs_n,
-                    gb,
-                    n_mask,
-                    first_b,
+                    w_ptr,
+                    s1w_ptr,
+                    tile_j,
+                    grad_j,
+                    mask_j,
+                    first_w,
                     lr,
                     momentum,
                     dampening,
@@ -340,43 +510,62 @@ def ff_grad_update_kernel(
                     NESTEROV,
                     INTERPRET,
                 )
-    else:
-        _adam_update(
-            w_ptr,
-            s1w_ptr,
-            s2w_ptr,
-            tile,
-            grad_w,
-            tile_mask,
-            lr,
-            beta1,
-            beta2,
-            adam_eps,
-            weight_decay,
-            step_size_w,
-            bc2_sqrt_w,
-            DECOUPLED,
-            INTERPRET,
-        )
-        if HAS_BIAS:
-            if bias_tile:
+            else:
                 _adam_update(
-                    b_ptr,
-                    s1b_ptr,
-                    s2b_ptr,
-                    offs_n,
-                    gb,
-                    n_mask,
+                    w_ptr,
+                    s1w_ptr,
+                    s2w_ptr,
+                    tile_j,
+                    grad_j,
+                    mask_j,
                     lr,
                     beta1,
                     beta2,
                     adam_eps,
                     weight_decay,
-                    step_size_b,
-                    bc2_sqrt_b,
+                    step_size_w,
+                    bc2_sqrt_w,
                     DECOUPLED,
                     INTERPRET,
                 )
+        if HAS_BIAS:
+            if bias_tile:
+                if OPT == 0:
+                    tl.store(gb_ptr + offs_n, cast(gb, gb_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
+                elif OPT == 1:
+                    _sgd_update(
+                        b_ptr,
+                        s1b_ptr,
+                        offs_n,
+                        gb,
+                        n_mask,
+                        first_b,
+                        lr,
+                        momentum,
+                        dampening,
+                        weight_decay,
+                        MOMENTUM,
+                        NESTEROV,
+                        INTERPRET,
+                    )
+                else:
+                    _adam_update(
+                        b_ptr,
+                        s1b_ptr,
+                        s2b_ptr,
+                        offs_n,
+                        gb,
+                        n_mask,
+                        lr,
+                        beta1,
+                        beta2,
+                        adam_eps,
+                        weight_decay,
+                        step_size_b,
+                        bc2_sqrt_b,
+                        DECOUPLED,
+                        INTERPRET,
+                    )
 
 
 GRAD_RESTORE.arg_names = tuple(ff_grad_update_kernel.arg_names)
@@ -387,9 +576,9 @@ GRAD_RESTORE.arg_names = tuple(ff_grad_update_kernel.arg_names)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def grad_grid(n: int, k: int, meta: dict) -> tuple[int]:
-    """GEMM 2's programs, one per weight tile, on axis 0; the rows are a loop inside each program."""
-    return (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+def grad_grid(n: int, k: int, meta: Mapping[str, Any], splits: int = 1) -> tuple[int]:
+    """GEMM 2's programs, one per (split, weight tile), on axis 0."""
+    return (weight_tiles(n, k, meta) * splits,)
 
 
 class Update(NamedTuple):
@@ -428,10 +617,13 @@ def launch_grad_update(
     normalize: str,
     coef_scale: float,
     update: Update,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """GEMM 2: returns (grad_weight, grad_bias) without an update; with one, updates w, b and the state in place
-    (the state was checked by the custom op, which knows its names)."""
+    (the state was checked by the custom op, which knows its names). ``splits`` forces the row split of every
+    config (tests); by default ``split_count`` chooses it per config."""
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
+    rows = rows_pos + rows_neg
     n, k = w.shape
     grad_w = grad_b = None
     if update.kind == OPT_NONE:
@@ -439,10 +631,20 @@ def launch_grad_update(
         grad_b = None if b is None else torch.empty_like(b)
     xp = x_pos if rows_pos else x_neg
     xn = x_neg if rows_neg else x_pos
-    bucket, precision = tuning_args(rows_pos + rows_neg, x_pos.dtype)
+    bucket, precision = tuning_args(rows, x_pos.dtype)
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    sms = sm_count(w.device)
+    most_splits, most_tiles = split_workspace(precision_name(x_pos.dtype, precision), n, k, rows, sms, splits)
+    ws = wsb = counts = None
+    if most_splits > 1:
+        ws = torch.empty((most_splits, n, k), dtype=torch.float32, device=w.device)
+        wsb = None if b is None else torch.empty((most_splits, n), dtype=torch.float32, device=w.device)
+        counts = torch.zeros(most_tiles, dtype=torch.int32, device=w.device)
 
     def grid(meta: dict) -> tuple[int]:
-        return grad_grid(n, k, meta)
+        tiles = weight_tiles(n, k, meta)
+        return grad_grid(n, k, meta, splits or split_count(tiles, rows, sms))
 
     ff_grad_update_kernel[grid](
         xp,
@@ -458,9 +660,12 @@ def launch_grad_update(
         update.s2w,
         update.s1b,
         update.s2b,
+        ws,
+        wsb,
+        counts,
         rows_pos,
         rows_neg,
-        rows_pos + rows_neg,
+        rows,
         n,
         k,
         bucket,
@@ -485,7 +690,10 @@ def launch_grad_update(
         MOMENTUM=update.momentum != 0.0,
         NESTEROV=update.nesterov,
         DECOUPLED=update.decoupled,
+        SPLIT=ws is not None,
         INPUT_PRECISION=precision,
         INTERPRET=INTERPRETED,
+        ALIGN_N=alignment(n),
+        ALIGN_K=alignment(k),
     )
     return grad_w, grad_b

@@ -4,7 +4,9 @@ thin functions ``ff_kernels.functional`` calls on already-checked inputs (DESIGN
 One step is three launches: GEMM 1 with the goodness epilogue (``forward_gemm``), the per-row loss and coefficient
 kernel (``row_loss``), GEMM 2 with the optimizer epilogue (``grad_update_gemm``). The custom ops make them opaque
 to ``torch.compile(fullgraph=True)``, with fake implementations; each runs with the weight's CUDA device current
-(Triton launches on the current device).
+(Triton launches on the current device). Outside torch.compile the functions at the bottom call the
+implementations directly: torch.library's Python wrapper of a custom op costs more host time than a small step's
+kernels take on the GPU.
 """
 
 from __future__ import annotations
@@ -96,11 +98,13 @@ def _options(threshold: float, kappa: float, loss: str, normalize: str, eps: flo
     )
 
 
-@_custom_op("forward")
-def _forward_op(x, w, b, kappa, normalize, eps):
+def _forward(x, w, b, kappa, normalize, eps):
     with torch.cuda.device_of(w):  # Triton launches on the current device, not the tensors'
         h, _, partials, tiles_n = launch_forward(x, x[:0], w, b, normalize, eps, store_r=False, names=("x", "x"))
         return h, launch_goodness(partials, tiles_n, x.shape[0], kappa)
+
+
+_forward_op = _custom_op("forward")(_forward)
 
 
 @_forward_op.register_fake
@@ -108,11 +112,13 @@ def _(x, w, b, kappa, normalize, eps):
     return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@_custom_op("step")
-def _step_op(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha):
+def _step_no_update(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha):
     opts = _options(threshold, kappa, loss, normalize, eps, alpha)
     out_loss, g, h, grad_w, grad_b = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, Update(OPT_NONE))
     return out_loss, g, h, grad_w, w.new_empty((0,)) if grad_b is None else grad_b
+
+
+_step_op = _custom_op("step")(_step_no_update)
 
 
 def _fake_step_outputs(x_pos, x_neg, w):
@@ -130,8 +136,7 @@ def _(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normal
     return (*_fake_step_outputs(x_pos, x_neg, w), torch.empty_like(w), grad_b)
 
 
-@_custom_op("step_sgd_")
-def _step_sgd_op(
+def _step_sgd(
     x_pos,
     x_neg,
     w,
@@ -176,6 +181,9 @@ def _step_sgd_op(
     return out_loss, g, h
 
 
+_step_sgd_op = _custom_op("step_sgd_")(_step_sgd)
+
+
 @_step_sgd_op.register_fake
 def _(
     x_pos,
@@ -203,8 +211,7 @@ def _(
     return _fake_step_outputs(x_pos, x_neg, w)
 
 
-@_custom_op("step_adam_")
-def _step_adam_op(
+def _step_adam(
     x_pos,
     x_neg,
     w,
@@ -257,6 +264,9 @@ def _step_adam_op(
     return out_loss, g, h
 
 
+_step_adam_op = _custom_op("step_adam_")(_step_adam)
+
+
 @_step_adam_op.register_fake
 def _(
     x_pos,
@@ -305,14 +315,17 @@ def ff_linear_step_triton(
     """One fused FF step: three kernels, the update (if any) applied in the GEMM 2 epilogue in place."""
     rows_pos = x_pos.shape[0]
     step_args = (offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize, opts.eps, opts.alpha)
+    traced = torch.compiler.is_compiling()
     grad_w = grad_b = None
     if optimizer is None:
-        loss, g, h, grad_w, gb = torch.ops.ff_kernels.triton_step(x_pos, x_neg, w, b, *step_args)
+        step = torch.ops.ff_kernels.triton_step if traced else _step_no_update
+        loss, g, h, grad_w, gb = step(x_pos, x_neg, w, b, *step_args)
         grad_b = None if b is None else gb
     else:
         if isinstance(optimizer, SGD):
             bufs, firsts = optimizer.fused_state(w, b)
-            loss, g, h = torch.ops.ff_kernels.triton_step_sgd_(
+            step_sgd = torch.ops.ff_kernels.triton_step_sgd_ if traced else _step_sgd
+            loss, g, h = step_sgd(
                 x_pos,
                 x_neg,
                 w,
@@ -331,7 +344,8 @@ def ff_linear_step_triton(
         elif isinstance(optimizer, Adam):
             moments, corrections = optimizer.fused_state(w, b)
             beta1, beta2 = optimizer.betas
-            loss, g, h = torch.ops.ff_kernels.triton_step_adam_(
+            step_adam = torch.ops.ff_kernels.triton_step_adam_ if traced else _step_adam
+            loss, g, h = step_adam(
                 x_pos,
                 x_neg,
                 w,
@@ -348,6 +362,8 @@ def ff_linear_step_triton(
             )
         else:
             raise TypeError(f"the Triton backend has no fused update for {type(optimizer).__name__}")
+        if not traced:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
+            torch.autograd.graph.increment_version(w if b is None else (w, b))
     return FFStepOutput.from_stacked(loss, g, h, rows_pos, grad_w, grad_b)
 
 
@@ -355,4 +371,5 @@ def ff_linear_forward_triton(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, kappa: float, normalize: str, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference, GEMM 1 alone: h (x's dtype) and goodness g (fp32), DESIGN 1.1-1.3."""
-    return torch.ops.ff_kernels.triton_forward(x, w, b, kappa, normalize, eps)
+    forward = torch.ops.ff_kernels.triton_forward if torch.compiler.is_compiling() else _forward
+    return forward(x, w, b, kappa, normalize, eps)

@@ -1,0 +1,23 @@
+// The fused CPU passes for any CPU (ATen's DEFAULT vectors), and the choice of variant for this machine.
+#include <ATen/Version.h>
+
+#include "kernels_prelude.h"
+
+#define CPU_CAPABILITY DEFAULT
+#include "kernels_impl.h"
+
+namespace ffk::cpu {
+
+const Kernels* kernels_default() { return &DEFAULT::table; }
+
+const Kernels& kernels() {
+  static const Kernels* const chosen = [] {
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512" && kernels_avx512() != nullptr) return kernels_avx512();
+    if ((capability == "AVX512" || capability == "AVX2") && kernels_avx2() != nullptr) return kernels_avx2();
+    return kernels_default();
+  }();
+  return *chosen;
+}
+
+}  // namespace ffk::cpu

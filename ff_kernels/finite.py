@@ -1,0 +1,86 @@
+"""``check_finite`` on the GPU paths: the scan stays on the device and the host reads it every few steps.
+
+Where the check happens (``ff_kernels.functional`` decides, per backend and device):
+
+- the C++ CPU operator (``backend="cuda"`` on CPU tensors, what ``auto`` picks on the CPU): fused into its first
+  pass over x, free, and raised before the step writes anything;
+- the torch and reference backends on CPU tensors: a scan of each input on the host, raised at once (no device
+  to wait for);
+- the GPU paths (any backend on CUDA tensors, and the Triton kernels wherever they run): deferred, here. Reading a
+  result back would stall the host until the device caught up, at every step. Instead each step launches one
+  ``torch._foreach_norm(..., inf)`` over its checked arguments (their largest magnitudes, which NaN and infinity
+  propagate through) and keeps the 0-dim results on the device; the host reads a device's pending results every
+  :func:`interval` steps (one synchronisation for all of them), raising ``ValueError("<name> contains NaN or inf
+  ...")`` then. By that time the steps in between have run, so the parameters may already hold NaN;
+  :func:`check_now` reads the pending results at once (at the end of an epoch, say) and ``set_interval(1)``
+  restores a check at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+_interval = 64
+
+
+@dataclass
+class _Pending:
+    """One device's unread results: per step, the names checked and their largest magnitudes (0-dim, fp32)."""
+
+    names: list[str] = field(default_factory=list)
+    norms: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0
+
+
+_pending: dict[torch.device, _Pending] = {}
+
+
+def interval() -> int:
+    """Steps between two reads of a device's results."""
+    return _interval
+
+
+def set_interval(steps: int) -> None:
+    """Read the results every ``steps`` steps (1: at every step, with one host synchronisation each)."""
+    global _interval
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    _interval = steps
+
+
+def defer(device: torch.device, named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
+    """Queue this step's check of its arguments on ``device``; every :func:`interval` steps, read the queue."""
+    pending = _pending.get(device)
+    if pending is None:
+        pending = _pending[device] = _Pending()
+    names, tensors = [], []
+    for name, t in named:
+        if t is not None and t.numel():  # the inf-norm of an empty tensor is an error, and there is nothing to see
+            names.append(name)
+            tensors.append(t)
+    if tensors:
+        pending.names += names
+        pending.norms += torch._foreach_norm(tensors, math.inf, dtype=torch.float32)
+    pending.steps += 1
+    if pending.steps >= _interval:
+        check_now(device)
+
+
+def check_now(device: torch.device | None = None) -> None:
+    """Read the pending results of ``device`` (every device if None) and raise ValueError for a non-finite one."""
+    for dev in [d for d in _pending if device is None or d == device]:
+        pending = _pending.pop(dev)
+        if not pending.norms:
+            continue
+        values = torch.stack(pending.norms).tolist()  # the one host synchronisation
+        bad = next((name for name, value in zip(pending.names, values) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise ValueError(
+                f"{bad} contains NaN or inf in one of the last {pending.steps} steps on {dev} (checked on the "
+                f"device and read every {_interval} steps, so the steps since may have used it; pass "
+                "check_finite=False to skip this check, or see ff_kernels.finite)"
+            )

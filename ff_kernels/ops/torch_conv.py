@@ -1,0 +1,211 @@
+"""The closed-form conv and class-goodness steps in plain PyTorch (``backend="torch"``): no autograd.
+
+The linear step of ``torch_step`` with its two matrix products written as convolutions (DESIGN 7), on any device:
+
+- positives and negatives stacked into one batch, r_b x_b written in the stacking copy;
+- GEMM 1: h = relu(conv2d(r x, W) + b) (``F.conv2d``: oneDNN on the CPU, cuDNN on CUDA), then the sum of
+  squares of h per sample, or per (sample, class group) for the class-goodness loss, in one pass;
+- the per-sample step: the loss and the coefficients c (one per sample, or per sample and group);
+- GEMM 2: the convolution's weight and bias gradients for the input r x and the output gradient (c / 2^s) h, in one
+  ``aten.convolution_backward`` call, then 2^s undone in fp32 (the operand rule of ``ff_kernels.ops.scaling``;
+  for fp16 GEMM 2 runs in fp32, see :func:`coefficient_times_h`).
+
+The class-goodness linear step is the same with ``torch.mm`` for the two products.
+
+``compute_dtype`` as for linear layers: the products run in that dtype, while goodness, loss, coefficients and the
+returned gradients stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ff_kernels._options import ClassStepOptions, ConvGeometry, StepOptions
+from ff_kernels.ops.scaling import class_coefficient_scale, coefficient_scale, narrow_exponent
+from ff_kernels.ops.torch_step import (
+    accumulate_dtype,
+    affine_relu,
+    loss_and_coefficient,
+    stack_scaled_rows,
+    unscale,
+)
+from ff_kernels.types import FFClassStepOutput, FFStepOutput
+
+
+def scaled_operand(
+    x_pos: torch.Tensor, x_neg: torch.Tensor, dtype: torch.dtype, normalize: str, eps: float
+) -> torch.Tensor:
+    """The stacked operand of both products, (P+Q, ...) in ``dtype``, holding r_b x_b.
+
+    ``stack_scaled_rows`` on the flattened samples, with the scale never deferred to the output: a deferred r_b
+    would have to be kept out of the bias gradient (sum c h, not sum c r h), costing a second h-sized tensor.
+    """
+    flat, r = stack_scaled_rows(x_pos.flatten(1), x_neg.flatten(1), dtype, normalize, eps)
+    if r is not None:
+        flat = torch.mul(flat, r.unsqueeze(1), out=torch.empty_like(flat))
+    return flat.view(flat.shape[0], *x_pos.shape[1:])
+
+
+def conv_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry
+) -> torch.Tensor:
+    """GEMM 1: h = relu(conv2d(r x, W) + b) on the operand of :func:`scaled_operand`."""
+    return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation).relu_()
+
+
+def group_goodness(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
+    """(B, groups): kappa times the sum of h^2 over each of ``groups`` contiguous channel (or unit) groups and all
+    positions, accumulated in fp32 in one pass over h."""
+    grouped = h.reshape(h.shape[0], groups, -1)
+    return torch.linalg.vector_norm(grouped, dim=2, dtype=accumulate_dtype(h.dtype)).square_().mul_(kappa)
+
+
+def class_loss_and_coefficient(
+    g: torch.Tensor, labels: torch.Tensor, opts: ClassStepOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample step of the class-goodness loss: L = mean_b [logsumexp(g_b / tau) - g_{b,y_b} / tau] and
+    c_bk = 2 kappa (softmax_k(g_b / tau) - [k = y_b]) / (B tau)."""
+    rows = g.shape[0]
+    logits = g / opts.temperature
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    loss = (lse - logits.gather(1, labels.unsqueeze(1))).mean()
+    c = logits.sub_(lse).exp_()
+    c.scatter_add_(1, labels.unsqueeze(1), c.new_full((rows, 1), -1.0))
+    return loss, c.mul_(2.0 * opts.kappa / (rows * opts.temperature))
+
+
+def coefficient_times_h(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """GEMM 2's output-side operand: c_bk on every element of sample b's group k of h; ``c`` is (B, groups).
+
+    In h's dtype, except fp16, where it is fp32 and GEMM 2 runs in fp32 on the fp16-rounded operands: a convolution
+    sums B H' W' products into each weight-gradient entry, so the gradient over 2^s can leave fp16's range even
+    though both operands lie within it, and ATen writes an fp16 product in fp16 before 2^s can be undone (a fused
+    kernel keeps its fp32 accumulator until then).
+    """
+    grouped = h.reshape(h.shape[0], c.shape[1], -1)
+    coefficient = c if narrow_exponent(h.dtype) else c.to(h.dtype)
+    return (grouped * coefficient.unsqueeze(2)).view(h.shape)
+
+
+def conv_parameter_grads(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: ConvGeometry,
+    with_bias: bool,
+    scale: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GEMM 2: the weight (and bias) gradient of conv2d for input ``x`` and output gradient ``grad_out`` in one
+    call, in ``grad_out``'s dtype, times the coefficient scale 2^s in fp32, returned in ``dtype``."""
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_out,
+        x.to(grad_out.dtype),
+        weight.to(grad_out.dtype),
+        [weight.shape[0]] if with_bias else None,
+        geometry.stride,
+        geometry.padding,
+        geometry.dilation,
+        False,
+        [0, 0],
+        1,
+        [False, True, with_bias],
+    )
+    return unscale(grad_weight, scale, dtype), unscale(grad_bias, scale, dtype) if with_bias else None
+
+
+def _cast(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def ff_conv2d_forward_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: ConvGeometry,
+    *,
+    kappa: float,
+    normalize: str,
+    eps: float,
+    num_classes: int | None,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference (GEMM 1 alone): h in ``compute_dtype`` and the goodness per sample or per (sample, group)."""
+    xs = scaled_operand(x, x[:0], compute_dtype, normalize, eps)
+    h = conv_relu(xs, *_cast(weight, bias, compute_dtype), geometry)
+    g = group_goodness(h, num_classes or 1, kappa)
+    return h, g if num_classes else g.squeeze(1)
+
+
+def ff_conv2d_step_torch(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: StepOptions,
+    geometry: ConvGeometry,
+    offset_pos: torch.Tensor | None = None,
+    offset_neg: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype,
+) -> FFStepOutput:
+    """The positive/negative conv step: one coefficient per sample, DESIGN 1.4-1.6 on the per-sample goodness."""
+    rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
+    x = scaled_operand(x_pos, x_neg, compute_dtype, opts.normalize, opts.eps)
+    w, b = _cast(weight, bias, compute_dtype)
+    h = conv_relu(x, w, b, geometry)
+    g = group_goodness(h, 1, opts.kappa).squeeze(1)
+    loss, c = loss_and_coefficient(g[:rows_pos], g[rows_pos:], opts, offset_pos, offset_neg)
+    scale = coefficient_scale(opts, rows_pos, rows_neg)
+    grad_out = coefficient_times_h(h, c.div_(scale).unsqueeze(1))
+    grad_weight, grad_bias = conv_parameter_grads(grad_out, x, w, geometry, bias is not None, scale, weight.dtype)
+    return FFStepOutput.from_stacked(loss, g, h, rows_pos, grad_weight, grad_bias)
+
+
+def ff_conv2d_class_step_torch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: ClassStepOptions,
+    geometry: ConvGeometry,
+    *,
+    compute_dtype: torch.dtype,
+) -> FFClassStepOutput:
+    """The class-goodness conv step: one coefficient per (sample, channel group)."""
+    xs = scaled_operand(x, x[:0], compute_dtype, opts.normalize, opts.eps)
+    w, b = _cast(weight, bias, compute_dtype)
+    h = conv_relu(xs, w, b, geometry)
+    g = group_goodness(h, opts.num_classes, opts.kappa)
+    loss, c = class_loss_and_coefficient(g, labels, opts)
+    scale = class_coefficient_scale(opts, x.shape[0])
+    grad_out = coefficient_times_h(h, c.div_(scale))
+    grad_weight, grad_bias = conv_parameter_grads(grad_out, xs, w, geometry, bias is not None, scale, weight.dtype)
+    return FFClassStepOutput(loss, g, h, grad_weight, grad_bias)
+
+
+def ff_linear_class_step_torch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: ClassStepOptions,
+    *,
+    compute_dtype: torch.dtype,
+) -> FFClassStepOutput:
+    """The class-goodness linear step: one coefficient per (sample, group of units)."""
+    xs = scaled_operand(x, x[:0], compute_dtype, opts.normalize, opts.eps)
+    w, b = _cast(weight, bias, compute_dtype)
+    h = affine_relu(xs, w, b, None)
+    g = group_goodness(h, opts.num_classes, opts.kappa)
+    loss, c = class_loss_and_coefficient(g, labels, opts)
+    scale = class_coefficient_scale(opts, x.shape[0])
+    grad_out = coefficient_times_h(h, c.div_(scale))
+    grad_weight = unscale(torch.mm(grad_out.t(), xs.to(grad_out.dtype)), scale, weight.dtype)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = unscale(grad_out.sum(dim=0, dtype=accumulate_dtype(grad_out.dtype)), scale, weight.dtype)
+    return FFClassStepOutput(loss, g, h, grad_weight, grad_bias)

@@ -1,0 +1,300 @@
+"""The fused CPU path (the extension's CPU operator, what ``backend="auto"`` runs on CPU tensors) beyond the contract
+and optimizer-parity tests it shares with the other backends (test_contract.py, test_optim.py, test_low_precision.py,
+test_cuda_ext.py): every optimizer and parameter dtype, ``compute_dtype``, the fused finiteness check, the CPU
+capability variants, determinism, the operator registrations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from test_contract import assert_outputs_close, make_case
+
+import ff_kernels as ffk
+from ff_kernels import backends, functional, optim
+from ff_kernels.ops import cuda_step
+
+REASON = cuda_step.extension_unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no C++ operator: {REASON}")
+
+FIELDS = ("loss", "goodness_pos", "goodness_neg", "h_pos", "h_neg", "grad_weight", "grad_bias")
+# torch.optim's single-tensor implementations are the spec (DESIGN 1.7); the configurations of test_optim.py.
+OPTIMIZERS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("SGD", dict(lr=0.05, weight_decay=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.8, weight_decay=0.1, nesterov=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ("Adam", dict(lr=0.02, betas=(0.3, 0.99))),  # 1 - beta1 >= 0.5: ATen's other lerp formula
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.02, betas=(0.85, 0.95), weight_decay=0.3)),
+]
+
+
+def config_id(config) -> str:
+    name, kw = config
+    return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+def data(rows_pos=21, rows_neg=17, k=45, n=23, *, dtype=torch.float32, seed=0):
+    """K and N with vector tails in every capability (not multiples of 8, 16 or 32)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_pos = torch.rand(rows_pos, k, generator=gen) + 0.1
+    x_neg = torch.rand(rows_neg, k, generator=gen)
+    weight = torch.randn(n, k, generator=gen) * 2.0
+    bias = 0.3 * torch.randn(n, generator=gen)
+    return tuple(t.to(dtype) for t in (x_pos, x_neg, weight, bias))
+
+
+def test_auto_is_the_fused_operator_on_the_cpu() -> None:
+    x_pos, x_neg, weight, bias = data()
+    route = functional.route_for("linear_step", "auto", torch.float32, weight)
+    assert route.fn is cuda_step.ff_linear_step_cuda and route.finite == functional.FINITE_IN_OP
+    mixed = functional.route_for("linear_step", "auto", torch.bfloat16, weight)
+    assert mixed.fn is cuda_step.ff_linear_step_cuda, "auto keeps the fused operator for compute_dtype"
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "cuda"
+    auto = ffk.ff_linear_step(x_pos, x_neg, weight, bias)
+    fused = ffk.ff_linear_step(x_pos, x_neg, weight, bias, backend="cuda")
+    for name in FIELDS:
+        assert torch.equal(getattr(auto, name), getattr(fused, name)), name
+
+
+def test_deterministic() -> None:
+    x_pos, x_neg, weight, bias = data(200, 180, 300, 70)
+    first, second = (ffk.ff_linear_step(x_pos, x_neg, weight, bias) for _ in range(2))
+    for name in FIELDS:
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
+@pytest.mark.parametrize("config", OPTIMIZERS, ids=config_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_every_optimizer_matches_reference_plus_torch_optim(config, bias) -> None:
+    """Five fused steps against the reference's gradients fed to torch.optim (foreach=False), in fp32."""
+    name, kw = config
+    x_pos, x_neg, weight, b = data()
+    b = b if bias else None
+    params = [weight] if b is None else [weight, b]
+    ref_params = [p.clone() for p in params]
+    opt = getattr(optim, name)(params, **kw)
+    ref_opt = getattr(torch.optim, name)(ref_params, **kw, foreach=False)
+    options = dict(threshold=0.5, normalize="l2")
+    for step in range(5):
+        ref_b = ref_params[1] if bias else None
+        expected = ffk.ff_linear_step(x_pos, x_neg, ref_params[0], ref_b, **options, backend="reference")
+        out = ffk.ff_linear_step(x_pos, x_neg, weight, b, **options, optimizer=opt)
+        assert out.grad_weight is None and out.grad_bias is None
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        for p, grad in zip(ref_params, (expected.grad_weight, expected.grad_bias)):
+            p.grad = grad
+        ref_opt.step()
+        for p, p_ref in zip(params, ref_params):
+            torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6, msg=lambda m, step=step: f"step {step}: {m}")
+    for state, ref_state in zip(opt.state, (ref_opt.state[p] for p in ref_params)):
+        for key, value in ref_state.items():
+            if key == "step":
+                assert state[key] == int(value)
+            else:
+                assert state[key].dtype == torch.float32
+                torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_low_precision_parameters_update_an_fp32_master(dtype, name) -> None:
+    """bf16/fp16 parameters: fp32 state, the update in fp32 rounded once, like optimizer.update on the fused step's
+    gradients. Those come back in the parameters' dtype, while the fused update reads them before that rounding:
+    the parameters agree to one rounding."""
+    x_pos, x_neg, weight, bias = data(dtype=dtype)
+    kw = dict(lr=0.01, momentum=0.9) if name == "SGD" else dict(lr=0.01, weight_decay=0.1)
+    params, ref_params = [weight, bias], [weight.clone(), bias.clone()]
+    opt, ref_opt = getattr(optim, name)(params, **kw), getattr(optim, name)(ref_params, **kw)
+    for _ in range(3):
+        grads = ffk.ff_linear_step(x_pos, x_neg, *ref_params)
+        ffk.ff_linear_step(x_pos, x_neg, *params, optimizer=opt)
+        ref_opt.update(ref_params, [grads.grad_weight, grads.grad_bias])
+        for p, p_ref in zip(params, ref_params):
+            assert p.dtype == dtype
+            ulp = torch.finfo(dtype).eps
+            torch.testing.assert_close(p, p_ref, rtol=ulp, atol=ulp * float(p_ref.abs().max()))
+    assert all(t.dtype == torch.float32 for s in opt.state for t in s.values() if isinstance(t, torch.Tensor))
+
+
+def test_compute_dtype_bf16_with_fp32_parameters() -> None:
+    """bf16 GEMMs, fp32 weights: h in bf16, goodness, loss and gradients fp32, each no further from the float64
+    truth than twice the torch backend's bf16 compute (FlashAttention's rule, as in test_low_precision.py)."""
+    x_pos, x_neg, weight, bias = data(300, 260, 200, 90)
+    truth = ffk.ff_linear_step(*(t.double() for t in (x_pos, x_neg, weight, bias)), backend="reference")
+    fused = ffk.ff_linear_step(x_pos, x_neg, weight, bias, compute_dtype=torch.bfloat16)
+    torch_path = ffk.ff_linear_step(x_pos, x_neg, weight, bias, compute_dtype=torch.bfloat16, backend="torch")
+    assert fused.h_pos.dtype == torch.bfloat16 and fused.grad_weight.dtype == torch.float32
+    assert fused.loss.dtype == torch.float32 and fused.goodness_pos.dtype == torch.float32
+    for name in FIELDS:
+        exact = getattr(truth, name)
+        err = float((getattr(fused, name).double() - exact).abs().max())
+        base = float((getattr(torch_path, name).double() - exact).abs().max())
+        assert err <= 2 * base + torch.finfo(torch.bfloat16).eps / 4 * float(exact.abs().max()), (name, err, base)
+    h, g = ffk.ff_linear_forward(x_pos, weight, bias, compute_dtype=torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and g.dtype == torch.float32
+    torch.testing.assert_close(h, fused.h_pos, rtol=0, atol=0)
+
+
+def test_compute_dtype_with_adam_keeps_fp32_master_weights() -> None:
+    x_pos, x_neg, weight, bias = data()
+    ref_w, ref_b = weight.clone(), bias.clone()
+    opt, ref_opt = optim.Adam([weight, bias], lr=0.01), optim.Adam([ref_w, ref_b], lr=0.01)
+    for _ in range(3):
+        ffk.ff_linear_step(x_pos, x_neg, weight, bias, optimizer=opt, compute_dtype=torch.bfloat16)
+        ffk.ff_linear_step(x_pos, x_neg, ref_w, ref_b, optimizer=ref_opt, compute_dtype=torch.bfloat16,
+                           backend="torch")
+    assert weight.dtype == torch.float32
+    # Adam normalises the gradient, so a bf16 rounding difference in it moves a weight by at most ~lr per step
+    torch.testing.assert_close(weight, ref_w, rtol=0, atol=3 * 0.01)
+    assert float((weight - ref_w).abs().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["x_pos", "x_neg", "offset_pos", "offset_neg"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_non_finite_input_raises_before_anything_is_written(name, value, optimizer) -> None:
+    """The scan is fused into the operator's first pass; the error comes before the parameters, the optimizer
+    state or its step count change, so the next good step is the first one."""
+    x_pos, x_neg, weight, bias = data()
+    args = dict(x_pos=x_pos, x_neg=x_neg, offset_pos=torch.zeros(21), offset_neg=torch.zeros(17))
+    bad = args[name].clone()
+    bad.view(-1)[7] = value
+    kw = dict(lr=0.1, momentum=0.9) if optimizer == "SGD" else dict(lr=0.1)
+    opt = getattr(optim, optimizer)([weight, bias], **kw)
+    saved = weight.clone(), bias.clone()
+    with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+        ffk.ff_linear_step(weight=weight, bias=bias, optimizer=opt, **{**args, name: bad})
+    assert torch.equal(weight, saved[0]) and torch.equal(bias, saved[1])
+    assert opt.state == [{}, {}]
+    fresh_w, fresh_b = saved[0].clone(), saved[1].clone()
+    fresh = getattr(optim, optimizer)([fresh_w, fresh_b], **kw)
+    ffk.ff_linear_step(weight=weight, bias=bias, optimizer=opt, **args)
+    ffk.ff_linear_step(weight=fresh_w, bias=fresh_b, optimizer=fresh, **args)
+    assert torch.equal(weight, fresh_w) and torch.equal(bias, fresh_b)
+
+
+def test_non_finite_input_unchecked_gives_nan() -> None:
+    x_pos, x_neg, weight, bias = data()
+    x_pos[3, 4] = math.nan
+    out = ffk.ff_linear_step(x_pos, x_neg, weight, bias, check_finite=False)
+    assert torch.isnan(out.loss) and torch.isnan(out.goodness_pos[3]) and bool(torch.isfinite(out.goodness_neg).all())
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        ffk.ff_linear_forward(x_pos, weight, bias)
+
+
+def test_large_finite_values_are_not_taken_for_infinities() -> None:
+    """x^2 overflows fp32 at |x| > 1.8e19; the scan looks at x itself (x * 0), not at the sum of squares."""
+    x_pos, x_neg, weight, bias = data()
+    x_pos[0] = 3e30
+    out = ffk.ff_linear_step(x_pos, x_neg, weight, bias)
+    assert bool(torch.isfinite(out.grad_weight).all())
+
+
+def test_adjacent_activations_are_inputs_like_any_other() -> None:
+    """h_pos and h_neg are adjacent rows of one tensor, the next layer's inputs (read, never written)."""
+    x_pos, x_neg, weight, bias = data()
+    first = ffk.ff_linear_step(x_pos, x_neg, weight, bias)
+    assert first.h_neg.data_ptr() == first.h_pos.data_ptr() + first.h_pos.numel() * first.h_pos.element_size()
+    w2, b2 = data(k=23, n=11, seed=1)[2:]
+    views = ffk.ff_linear_step(first.h_pos, first.h_neg, w2, b2)
+    copies = ffk.ff_linear_step(first.h_pos.clone(), first.h_neg.clone(), w2, b2)
+    for name in FIELDS:
+        assert torch.equal(getattr(views, name), getattr(copies, name)), name
+
+
+@pytest.mark.parametrize("rows_pos,rows_neg", [(0, 9), (9, 0)])
+def test_one_empty_batch(rows_pos, rows_neg) -> None:
+    x_pos, x_neg, weight, bias = data(rows_pos, rows_neg)
+    out = ffk.ff_linear_step(x_pos, x_neg, weight, bias)
+    ref = ffk.ff_linear_step(x_pos, x_neg, weight, bias, backend="reference")
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+
+
+def test_threads_change_rounding_only() -> None:
+    """The passes split rows (and grad_b's partial sums) by thread: 1 and 2 threads both meet the contract."""
+    args, kwargs = make_case(600, 600, 300, 200)
+    threads = torch.get_num_threads()
+    reference = ffk.ff_linear_step(*args, **kwargs, backend="reference")
+    try:
+        torch.set_num_threads(1)
+        serial = ffk.ff_linear_step(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert_outputs_close(serial, reference, args, kwargs)
+    assert_outputs_close(ffk.ff_linear_step(*args, **kwargs), reference, args, kwargs)
+
+
+_VARIANT_SCRIPT = """
+import json, torch, ff_kernels as ffk
+from ff_kernels.ops import cuda_step
+gen = torch.Generator().manual_seed(0)
+out = {"kernels": cuda_step.cpu_kernels()}
+for dtype in (torch.float32, torch.bfloat16):
+    x_pos, x_neg = torch.rand(37, 45, generator=gen).to(dtype), torch.rand(29, 45, generator=gen).to(dtype)
+    w, b = (torch.randn(23, 45, generator=gen) * 2).to(dtype), (0.3 * torch.randn(23, generator=gen)).to(dtype)
+    opt = ffk.optim.Adam([w, b], lr=0.01)
+    step = ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, normalize="rms")
+    out[str(dtype)] = [step.loss.item(), step.h_neg.float().sum().item(), w.float().sum().item()]
+print(json.dumps(out))
+"""
+
+
+def test_capability_variants_agree() -> None:
+    """The passes are compiled per CPU capability and follow ATen's choice (ATEN_CPU_CAPABILITY); every variant
+    this CPU can run gives the same step up to rounding."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    variants = ["default"] + [v for v in ("avx2", "avx512") if v.upper() in ("AVX2", capability)]
+    results = {}
+    for variant in variants:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
+        proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300, check=True)
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["default"]["kernels"] == "DEFAULT"
+    for variant in variants[1:]:
+        assert results[variant]["kernels"] == variant.upper()
+        for dtype, rtol in (("torch.float32", 1e-5), ("torch.bfloat16", 2e-2)):
+            torch.testing.assert_close(torch.tensor(results[variant][dtype]), torch.tensor(results["default"][dtype]),
+                                       rtol=rtol, atol=rtol)
+
+
+def test_opcheck() -> None:
+    """Schemas, fake implementations and aliasing of the fused CPU operators (torch.compile's view of them)."""
+    ops = torch.ops.ff_kernels_ext
+    x_pos, x_neg, w, b = data(5, 5, 7, 3)
+    off = torch.randn(5)
+    common = (x_pos, x_neg, w, b, off, off, 2.0, 1 / 3, "symba", "l2", 1e-4, 4.0)
+    torch.library.opcheck(ops.cpu_step_.default, (*common, torch.bfloat16, True, 0, [], []))
+    sgd = [torch.zeros_like(w), torch.zeros_like(b)]
+    torch.library.opcheck(ops.cpu_step_.default, (*common, torch.float32, True, 1, sgd,
+                                                  [0.1, 0.9, 0.0, 0.01, 1.0, 1.0, 1.0]))
+    adam = [torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(b), torch.zeros_like(b)]
+    torch.library.opcheck(ops.cpu_step_.default, (*common, torch.float32, False, 2, adam,
+                                                  [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, 0.1, 0.0316, 0.1, 0.0316]))
+    torch.library.opcheck(ops.cpu_forward.default, (x_pos, w, None, 1 / 3, "rms", 1e-4, torch.bfloat16, True))
+
+
+def test_bf16_compute_without_bf16_instructions_warns_once(monkeypatch) -> None:
+    """On a CPU without AVX512-BF16 or AMX, bf16 matrix products are emulated (8x slower than fp32 on an AVX2-only
+    EPYC): asking for them warns, once per process."""
+    monkeypatch.setattr(backends, "cpu_bf16_matmul", lambda: False)
+    monkeypatch.setattr(backends, "_warned_bf16", False)
+    monkeypatch.setattr(functional, "_routes", {})
+    x_pos, x_neg, weight, bias = data()
+    with pytest.warns(UserWarning, match="bfloat16 matrix products on this CPU .* emulated"):
+        ffk.ff_linear_step(x_pos, x_neg, weight, bias, compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ffk.ff_linear_forward(x_pos.bfloat16(), weight.bfloat16(), bias.bfloat16())
