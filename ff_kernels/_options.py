@@ -120,7 +120,7 @@ def check_image_input(
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`check_input` for a (batch, channels, height, width) batch of a convolution, which must leave an
-    output of at least one position."""
+    output of at least one position; channels-last batches are kept as they are (the backends read either)."""
     _check_float_tensor(name, x)
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (batch, channels, height, width); got {tuple(x.shape)}")
@@ -133,19 +133,26 @@ def check_image_input(
             f"kernel with padding={geometry.padding}, dilation={geometry.dilation}: the output would be "
             f"{out_h}x{out_w}"
         )
-    return _check_batch(name, x, weight, check_finite, compute_dtype)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    return _check_batch(name, x, weight, check_finite, compute_dtype, dense=channels_last)
 
 
 def _check_batch(
-    name: str, x: torch.Tensor, weight: torch.Tensor, check_finite: bool, compute_dtype: torch.dtype | None
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    check_finite: bool,
+    compute_dtype: torch.dtype | None,
+    dense: bool = False,
 ) -> torch.Tensor:
+    """dtype, device and finiteness; returns x contiguous (``dense``: x is already laid out densely, keep it)."""
     if x.dtype != weight.dtype and x.dtype != compute_dtype:
         raise TypeError(f"{name} dtype {x.dtype} differs from weight dtype {weight.dtype}; cast one of them")
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but weight is on {weight.device}")
     if check_finite:
         _check_finite(name, x)
-    return x.contiguous()
+    return x if dense else x.contiguous()
 
 
 def check_pos_neg_rows(loss: str, rows_pos: int, rows_neg: int) -> None:

@@ -391,6 +391,8 @@ class FFConvNet(nn.Module):
                 bar.update()
                 bar.set_postfix(loss=f"{history[trained[-1]][-1]:.4f}")
         bar.close()
+        for opt in self.optimizers:  # the schedule belongs to this call; a step outside fit uses the base rate
+            opt.lr = self.config["lr"]
         return history
 
     def _batches(self, rows: int, batch_size: int | None) -> list[torch.Tensor] | list[slice]:

@@ -117,13 +117,14 @@ def test_greedy_leaves_earlier_layers_alone() -> None:
 
 
 def test_simultaneous_feeds_each_layer_the_pooled_step_output() -> None:
-    """Layer 2 is fed layer 1's h from its step (pre-update weights), max-pooled; its normalisation is its own."""
+    """Layer 2 is fed layer 1's h from its step (pre-update weights), max-pooled and instance-normalised."""
     x, y = images(16)
     net = ffk.FFConvNet(1, [20, 10], seed=2)
     twin = ffk.FFConvNet(1, [20, 10], seed=2)
     outs = net.step_batch(x, y)
     first = twin.layers[0].train_step(x, y, twin.optimizers[0])
-    second = twin.layers[1].train_step(torch.nn.functional.max_pool2d(first.h, 2), y, twin.optimizers[1])
+    passed_on = torch.nn.functional.instance_norm(torch.nn.functional.max_pool2d(first.h, 2), eps=1e-4)
+    second = twin.layers[1].train_step(passed_on, y, twin.optimizers[1])
     assert torch.equal(outs[0][1].h, first.h) and torch.equal(outs[1][1].loss, second.loss)
     assert outs[1][1].h.shape == (16, 10, 4, 4)
 

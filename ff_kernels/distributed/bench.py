@@ -132,15 +132,18 @@ def _time_ff_single(cfg: Config) -> float:
 
 
 def one_rank(rank: int, world: int, cfg: Config) -> dict[str, dict[int, list[float]]]:
-    """Seconds per run of the single-process methods, with 1 and 2 threads (a warm-up run first)."""
-    out: dict[str, dict[int, list[float]]] = {"ff": {}, "bp": {}}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for method, timer in (("ff", _time_ff_single), ("bp", _time_bp_single)):
-            _log(f"  1 rank x {threads} thread(s): {method}")
-            if cfg.warmup:
-                timer(Config(**{**asdict(cfg), "epochs": 1}))
-            out[method][threads] = [timer(cfg) for _ in range(cfg.repeats)]
+    """Seconds per run of the single-process methods with 1 and 2 threads, interleaved so that load drifts hit every
+    variant alike (a warm-up run of each first)."""
+    out: dict[str, dict[int, list[float]]] = {"ff": {1: [], 2: []}, "bp": {1: [], 2: []}}
+    timers = (("ff", _time_ff_single), ("bp", _time_bp_single))
+    for run in range(0 if cfg.warmup else 1, cfg.repeats + 1):
+        _log(f"  1 rank: run {run} of {cfg.repeats} (0 is the warm-up)")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for method, timer in timers:
+                seconds = timer(cfg if run else Config(**{**asdict(cfg), "epochs": 1}))
+                if run:
+                    out[method][threads].append(seconds)
     return out
 
 
@@ -196,31 +199,27 @@ def _bp_pipeline(cfg: Config, comm: Comm, stages: list[range]) -> dict[str, Any]
 
 
 def two_ranks(rank: int, world: int, cfg: Config) -> dict[str, list[dict[str, Any]]]:
-    """This rank's stats for every distributed method, a warm-up run first."""
+    """This rank's stats for every distributed method, runs interleaved (a warm-up run of each first)."""
     from ff_kernels.distributed.training import fit
 
     x, y = _data(cfg)
     warm = Config(**{**asdict(cfg), "epochs": 1})
-    runs: dict[str, list[dict[str, Any]]] = {}
     stages = plan_stages(layer_costs(_net(cfg)), world)
     methods = [("ff_data", "data", 1), ("ff_pipeline", "pipeline", 1),
                (f"ff_pipeline_m{cfg.micro_batches}", "pipeline", cfg.micro_batches)]
-    for name, mode, micro in methods:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in methods}
+    runs["bp_pipeline"] = []
+    comm = Comm(120, torch.device("cpu"))
+    for run in range(0 if cfg.warmup else 1, cfg.repeats + 1):
         if rank == 0:
-            _log(f"  2 ranks: {name}")
-        runs[name] = []
-        for run in range(0 if cfg.warmup else 1, cfg.repeats + 1):
+            _log(f"  2 ranks: run {run} of {cfg.repeats} (0 is the warm-up)")
+        for name, mode, micro in methods:
             stats: dict[str, Any] = {}
             fit(_net(cfg), x, y, mode=mode, epochs=cfg.epochs if run else 1, batch_size=cfg.batch,
                 schedule="simultaneous", micro_batches=micro if mode == "pipeline" else None, timeout=120,
                 stats=stats)
             if run:
                 runs[name].append(stats)
-    comm = Comm(120, torch.device("cpu"))
-    if rank == 0:
-        _log("  2 ranks: bp_pipeline")
-    runs["bp_pipeline"] = []
-    for run in range(0 if cfg.warmup else 1, cfg.repeats + 1):
         stats = _bp_pipeline(cfg if run else warm, comm, stages)
         if run:
             runs["bp_pipeline"].append(stats)

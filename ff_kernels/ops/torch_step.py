@@ -11,6 +11,8 @@ goodness, loss, coefficients and the returned gradients stay float32 (the optimi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,12 +27,13 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def input_scale(x: torch.Tensor, normalize: str, eps: float) -> torch.Tensor | None:
-    """r_i of DESIGN 1.1 in float32, or None for ``normalize="none"`` (r_i = 1, nothing to apply)."""
+    """r_i of DESIGN 1.1 (over all of a row's features, or of an image's C_in H W in any memory layout) in
+    float32, or None for ``normalize="none"`` (r_i = 1, nothing to apply)."""
     if normalize == "none":
         return None
-    norm = torch.linalg.vector_norm(x, dim=1, dtype=accumulate_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=accumulate_dtype(x.dtype))
     if normalize == "rms":
-        norm = norm.mul_(x.shape[1] ** -0.5)
+        norm = norm.mul_(math.prod(x.shape[1:]) ** -0.5)
     return norm.add_(eps).reciprocal_()
 
 
