@@ -849,3 +849,18 @@ def test_backend_without_conv_kernels_says_so(op, backend) -> None:
     }
     with pytest.raises(NotImplementedError, match=rf"{op} has no backend='{backend}'.*available: reference, torch"):
         calls[op]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_conv_relu_equals_conv_then_relu(dtype, monkeypatch) -> None:
+    """On the CPU the torch backend fuses the ReLU into oneDNN's convolution where it runs; it must change nothing."""
+    from ff_kernels.ops import torch_conv
+
+    if not torch_conv.fused_conv_relu_runs(dtype):
+        pytest.skip(f"oneDNN's fused convolution + ReLU does not run for {dtype} here")
+    args, kwargs = conv_class_case(16, 3, 4, GEOMETRIES[3], normalize="rms", dtype=dtype)
+    fused = ffk.ff_conv2d_class_step(*args, **kwargs, backend="torch")
+    monkeypatch.setattr(torch_conv, "fused_conv_relu_runs", lambda dtype: False)
+    plain = ffk.ff_conv2d_class_step(*args, **kwargs, backend="torch")
+    for name in CLASS_FIELDS:
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=0, atol=0, msg=name)

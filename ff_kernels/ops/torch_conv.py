@@ -5,8 +5,8 @@ The linear step of ``torch_step`` with its two matrix products written as convol
 - positives and negatives stacked into one channels-last batch, r_b x_b written in the stacking copy (oneDNN and
   cuDNN run channels-last convolutions without reordering activations, and much faster where the step is not
   compute-bound: 2.4x in fp32 and 4.6x in bf16 for a 3-channel first layer on the CPU);
-- GEMM 1: h = relu(conv2d(r x, W) + b) (``F.conv2d``), then the sum of squares of h per sample, or per (sample,
-  class group) for the class-goodness loss, in one pass;
+- GEMM 1: h = relu(conv2d(r x, W) + b) (``F.conv2d``, the ReLU fused into oneDNN's convolution on the CPU), then
+  the sum of squares of h per sample, or per (sample, class group) for the class-goodness loss;
 - the per-sample step: the loss and the coefficients c (one per sample, or per sample and group);
 - GEMM 2: the convolution's weight and bias gradients for the input r x and the output gradient (c / 2^s) h, in one
   ``aten.convolution_backward`` call, then 2^s undone in fp32 (the operand rule of ``ff_kernels.ops.scaling``;
@@ -20,6 +20,8 @@ returned gradients stay float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +69,47 @@ def scaled_images(
 def conv_relu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry
 ) -> torch.Tensor:
-    """GEMM 1: h = relu(conv2d(r x, W) + b) on the operand of :func:`scaled_images` (h is channels-last too)."""
+    """GEMM 1: h = relu(conv2d(r x, W) + b) on the operand of :func:`scaled_images` (h is channels-last too); on
+    the CPU the ReLU is fused into oneDNN's convolution where that runs (one pass over h less; under
+    ``torch.compile`` inductor makes this fusion itself)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and fused_conv_relu_runs(x.dtype):
+        padding, stride, dilation = (list(v) for v in (geometry.padding, geometry.stride, geometry.dilation))
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, 1, "relu", [], "")
     return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation).relu_()
+
+
+@functools.cache
+def fused_conv_relu_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused convolution + ReLU (``mkldnn::_convolution_pointwise``, the op inductor emits for
+    this fusion) runs for ``dtype`` on this CPU and equals ``F.conv2d`` then ReLU; probed once per dtype (fp64 has
+    no oneDNN path, and fp16 needs AVX512-FP16 or AVX-NE-CONVERT)."""
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(4, 3, 3, 2, generator=gen).to(dtype), torch.randn(4, generator=gen).to(dtype)
+    try:
+        fused = op(x, weight, bias, [1, 0], [2, 1], [1, 2], 1, "relu", [], "")
+    except RuntimeError:
+        return False
+    return torch.equal(fused, F.conv2d(x, weight, bias, (2, 1), (1, 0), (1, 2)).relu_())
+
+
+def channels_innermost(h: torch.Tensor) -> torch.Tensor:
+    """h as (B, positions, C) with the channels (or units) contiguous: a view of (B, N) rows and of channels-last
+    images (the layout of :func:`conv_relu`'s output), so a class group is a contiguous run at every position."""
+    return h.movedim(1, -1).reshape(h.shape[0], -1, h.shape[1])
 
 
 def group_goodness(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
     """(B, groups): kappa times the sum of h^2 over each of ``groups`` contiguous channel (or unit) groups and all
-    positions, accumulated in fp32 in one pass over h."""
-    grouped = h.unflatten(1, (groups, -1))
-    dims = tuple(range(2, grouped.dim()))
-    return torch.linalg.vector_norm(grouped, dim=dims, dtype=accumulate_dtype(h.dtype)).square_().mul_(kappa)
+    positions, accumulated in fp32: per-channel sums over the positions, then over each group. The squares are
+    formed in h's dtype (fp32 for fp16, where they would overflow above 256)."""
+    hv = channels_innermost(h)
+    squares = hv.float().square() if narrow_exponent(h.dtype) else hv * hv
+    per_channel = squares.sum(dim=1, dtype=accumulate_dtype(h.dtype))
+    return per_channel.view(h.shape[0], groups, -1).sum(dim=2).mul_(kappa)
 
 
 def class_loss_and_coefficient(
@@ -94,16 +127,19 @@ def class_loss_and_coefficient(
 
 
 def coefficient_times_h(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """GEMM 2's output-side operand: c_bk on every element of sample b's group k of h; ``c`` is (B, groups).
+    """GEMM 2's output-side operand, in h's shape and layout: c_bk on every element of sample b's group k of h;
+    ``c`` is (B, groups). Applied as one coefficient per channel along the contiguous channel dimension.
 
-    In h's dtype and layout, except fp16, where it is fp32 and GEMM 2 runs in fp32 on the fp16-rounded operands: a
+    In h's dtype, except fp16, where it is fp32 and GEMM 2 runs in fp32 on the fp16-rounded operands: a
     convolution sums B H' W' products into each weight-gradient entry, so the gradient over 2^s can leave fp16's
     range though both operands lie within it, and ATen writes an fp16 product in fp16 before 2^s can be undone (a
     fused kernel keeps its fp32 accumulator until then).
     """
-    grouped = h.unflatten(1, (c.shape[1], -1))
-    coefficient = c if narrow_exponent(h.dtype) else c.to(h.dtype)
-    return (grouped * coefficient.view(*c.shape, *([1] * (grouped.dim() - 2)))).flatten(1, 2)
+    per_channel = c.repeat_interleave(h.shape[1] // c.shape[1], dim=1)
+    if not narrow_exponent(h.dtype):
+        per_channel = per_channel.to(h.dtype)
+    product = channels_innermost(h) * per_channel.unsqueeze(1)
+    return product.view(h.shape[0], *h.shape[2:], h.shape[1]).movedim(-1, 1)
 
 
 def conv_parameter_grads(
