@@ -337,12 +337,44 @@ def test_distributed_train_options_name_themselves(capsys, monkeypatch):
     assert "torchrun" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(
-    sys.executable), "torchrun")), reason="torchrun is not installed")
+def _torchrun() -> str | None:
+    local = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return shutil.which("torchrun") or (local if os.path.exists(local) else None)
+
+
+needs_torchrun = pytest.mark.skipif(_torchrun() is None, reason="torchrun is not installed")
+
+# Run by torchrun in place of ``-m ff_kernels``: the train command, with rank FAIL_RANK's last layer made to raise at
+# its 5th step (the CLI has no failure switch, and none belongs there).
+FAILING_TRAIN = """
+import os, sys
+from ff_kernels.cli import main
+from ff_kernels.net import FFNet
+
+if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+    original_init, calls = FFNet.__init__, [0]
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        step = self.layers[-1].train_step
+
+        def failing(*a, **k):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise ValueError("injected failure")
+            return step(*a, **k)
+
+        self.layers[-1].train_step = failing
+
+    FFNet.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_torchrun
 @pytest.mark.parametrize("mode", ["data", "pipeline"])
 def test_torchrun_trains_digits_on_two_ranks(mode):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ff_kernels", "train", "--distributed", mode,
+    args = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ff_kernels", "train", "--distributed", mode,
             "--dims", "20,20", "--epochs", "3", "--batch-size", "200", "--schedule", "simultaneous",
             "--no-progress", "--timeout", "60"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -350,6 +382,29 @@ def test_torchrun_trains_digits_on_two_ranks(mode):
     assert f"distributed {mode} over 2 ranks (gloo" in done.stdout
     assert done.stdout.count("test accuracy") == 1, "only rank 0 reports"
     assert "sent per training step: rank 0" in done.stdout
+
+
+@needs_torchrun
+@pytest.mark.parametrize("mode,bad_rank", [("data", 0), ("pipeline", 1)])
+def test_torchrun_stops_with_an_error_naming_the_rank_that_raised(tmp_path, mode, bad_rank):
+    """The whole launch, as a user runs it: torchrun exits non-zero well within the timeout and every rank's error
+    names the failing rank (rank 1 owns the pipeline's last layer; in data parallel every rank steps it)."""
+    script = tmp_path / "failing_train.py"
+    script.write_text(FAILING_TRAIN)
+    args = [_torchrun(), "--standalone", "--nproc-per-node", "2", str(script), "train", "--distributed", mode,
+            "--dims", "20,20", "--epochs", "3", "--batch-size", "200", "--schedule", "simultaneous",
+            "--no-progress", "--timeout", "90"]
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "FAIL_RANK": str(bad_rank)})
+    seconds = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert f"error: rank {bad_rank} raised ValueError: injected failure" in output, output[-3000:]
+    other = 1 - bad_rank
+    assert f"error: rank {other}: stopped because rank {bad_rank} raised ValueError" in output, output[-3000:]
+    assert "test accuracy" not in output
+    assert seconds < 90, f"torchrun took {seconds:.0f} s to stop: a wait ran into the 90 s --timeout"
 
 
 def test_bench_traffic_matches_the_model():
