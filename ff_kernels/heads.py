@@ -35,7 +35,8 @@ def class_goodness_loss(
         head_weight, head_bias: (K, C, 1, 1) or (K, C), and (K,) or None: e.g. an ``nn.Conv2d(C, K, 1)``'s.
         labels: (B,) integers in [0, K).
         temperature: tau > 0.
-        backend: "auto", "reference" (autograd over plain ops) or "torch" (closed-form backward in a custom op).
+        backend: "auto", "reference" (autograd over plain ops), "torch" (closed-form backward in a custom op)
+            or "triton" (fused kernels, ``ff_kernels.ops.triton.class_goodness``).
         check_finite: scan h for NaN/inf and the labels' range (a host sync each); trainers that check their data
             once pass False.
 
