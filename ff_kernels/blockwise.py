@@ -214,6 +214,9 @@ class BlockwiseFF(_Trainer):
             optimizer state, goodness and loss stay fp32.
         channels_last: keep image activations and conv weights channels-last (default True).
         backend: the head loss's backend ("auto", "torch", "reference").
+        recompute: train torchvision's ResNet basic blocks (no downsample) with the network's largest outputs by
+            :func:`recomputing_basic_block_step`: bitwise the same step, their peak 5 output-sized tensors instead of
+            7 (that peak is the whole step's), for two more 3x3 convolutions forward each.
 
     The module's ``state_dict`` holds blocks and heads; ``optimizers[i].state_dict()`` the optimizer states.
     """
@@ -228,6 +231,7 @@ class BlockwiseFF(_Trainer):
         normalize: bool = False,
         predict: str = "mean",
         backend: str = "auto",
+        recompute: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(blocks, num_classes, sample_shape=sample_shape, **kwargs)
@@ -238,8 +242,14 @@ class BlockwiseFF(_Trainer):
         with torch.random.fork_rng(devices=[]):
             if kwargs.get("seed") is not None:
                 torch.manual_seed(kwargs["seed"])
-            heads = nn.ModuleList(self._head(shape) for shape in self.output_shapes())
+            shapes = self.output_shapes()
+            heads = nn.ModuleList(self._head(shape) for shape in shapes)
             self.heads = heads.to(self.device, memory_format=self.memory_format)
+        largest = max(math.prod(shape) for shape in shapes)
+        self.recompute_blocks = [
+            i for i, (block, shape) in enumerate(zip(self.blocks, shapes))
+            if recompute and math.prod(shape) == largest and plain_basic_block(block)
+        ]
         self.optimizers = [
             self.make_optimizer([*block.parameters(), *head.parameters()])
             for block, head in zip(self.blocks, self.heads)
@@ -260,15 +270,35 @@ class BlockwiseFF(_Trainer):
     def train_block(self, i: int, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of block i and its head on input h; returns (next input, detached loss)."""
         head = self.heads[i]
-        with self.autocast():
-            out = self.blocks[i](h)
-            loss = class_goodness_loss(
+
+        def head_loss(out: torch.Tensor) -> torch.Tensor:
+            return class_goodness_loss(
                 out, head.weight, head.bias, y, temperature=self.temperature, backend=self.backend, check_finite=False
             )
-        loss.backward()
+
+        if self.recomputes(i, h):
+            out, loss = recomputing_basic_block_step(self.blocks[i], h, head_loss)
+        else:
+            with self.autocast():
+                out = self.blocks[i](h)
+                loss = head_loss(out)
+            loss.backward()
         self.optimizers[i].step()
         self.optimizers[i].zero_grad(set_to_none=True)
         return self.pass_on(out), loss.detach()
+
+    def recomputes(self, i: int, h: torch.Tensor) -> bool:
+        """Whether block i trains by :func:`recomputing_basic_block_step` on input h: one of ``recompute_blocks``,
+        in training mode without autocast, on a detached input, every parameter trained, no module hooks."""
+        block = self.blocks[i]
+        return (
+            i in self.recompute_blocks
+            and self.autocast_dtype is None
+            and all(m.training for m in block.modules())
+            and not h.requires_grad
+            and all(p.requires_grad for p in block.parameters())
+            and not _hooked(block)
+        )
 
     def step_batch(self, x: torch.Tensor, y: torch.Tensor, only: int | None = None) -> list[torch.Tensor]:
         """One step of every block (``only=None``, the simultaneous schedule) or of block ``only`` alone, its input
@@ -423,6 +453,130 @@ class BackpropBaseline(_Trainer):
                 scores.append(torch.softmax(self(self.prepare(chunk)).float(), dim=1))
         self.train(was_training)
         return torch.cat(scores)
+
+
+def plain_basic_block(block: nn.Module) -> bool:
+    """Whether ``block`` is torchvision's ResNet ``BasicBlock`` without a downsample branch, built as torchvision
+    builds it (bias-free convolutions, affine BatchNorm with running statistics, one in-place ReLU): the block that
+    :func:`recomputing_basic_block_step` reproduces op for op."""
+    kind = type(block)
+    if (kind.__module__, kind.__name__) != ("torchvision.models.resnet", "BasicBlock") or block.downsample is not None:
+        return False
+    convs, norms = (block.conv1, block.conv2), (block.bn1, block.bn2)
+    return (
+        set(dict(block.named_children())) == {"conv1", "bn1", "relu", "conv2", "bn2"}
+        and all(type(c) is nn.Conv2d and c.bias is None and c.padding_mode == "zeros" for c in convs)
+        and all(type(n) is nn.BatchNorm2d and n.affine and n.track_running_stats for n in norms)
+        and type(block.relu) is nn.ReLU
+        and block.relu.inplace
+    )
+
+
+def _hooked(block: nn.Module) -> bool:
+    """Module hooks that only the block's own forward and autograd would run (parameter hooks still run)."""
+    from torch.nn.modules import module
+
+    global_hooks = (module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
+                    module._global_backward_pre_hooks)
+    return any(global_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in block.modules()
+    )
+
+
+def _batch_norm_train(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bn(x)`` in training mode, the same op with the same running-statistics update as ``_BatchNorm.forward``,
+    also returning the batch mean and inverse standard deviation that its backward reads."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor,
+                                            bn.eps)
+
+
+def _batch_norm_again(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The training-mode output of ``bn`` on a recomputed input, running statistics left alone (bitwise the forward's
+    output: the same kernel on the same input)."""
+    return torch.ops.aten.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)[0]
+
+
+def _batch_norm_backward(bn: nn.BatchNorm2d, grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                         invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dweight, dL/dbias): the call autograd's NativeBatchNormBackward0 makes."""
+    return torch.ops.aten.native_batch_norm_backward(grad, x, bn.weight, bn.running_mean, bn.running_var, mean,
+                                                     invstd, True, bn.eps, [True, True, True])
+
+
+def _conv_backward(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor, need_input: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(dL/dx or None, dL/dweight): the call autograd's ConvolutionBackward0 makes for a bias-free convolution."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, conv.weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+        [need_input, True, False],
+    )
+    return grad_x, grad_w
+
+
+def _relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ReLU's backward (autograd's threshold_backward) written into ``grad``, which the caller owns."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+def recomputing_forward(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward of :func:`recomputing_basic_block_step` (running statistics updated): (output, what its
+    backward reads besides x and the output: the second convolution's output and both BatchNorms' batch mean and
+    inverse standard deviation)."""
+    with torch.no_grad():
+        c1 = block.conv1(x)
+        b1, mean1, invstd1 = _batch_norm_train(block.bn1, c1)
+        del c1
+        c2 = block.conv2(b1.relu_())
+        del b1
+        out, mean2, invstd2 = _batch_norm_train(block.bn2, c2)
+        out.add_(x).relu_()  # BasicBlock: out += identity; relu (in place)
+    return out, [c2, mean1, invstd1, mean2, invstd2]
+
+
+def recomputing_basic_block_step(
+    block: nn.Module, x: torch.Tensor, head_loss: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of a :func:`plain_basic_block` (training mode) and its head's loss, leaving the
+    block's parameter gradients where ``loss.backward()`` of ``head_loss(block(x))`` would (parameter hooks run),
+    with the same ops, the same running-statistics update and bitwise the same gradients; returns (output, loss).
+
+    Why: autograd keeps x, both convolutions' outputs (BatchNorm's inputs), the first ReLU's output and the block's
+    output, and its backward starts with two output-sized gradients in flight: 7 activation-sized tensors, the peak of
+    a block-wise step. Here the forward keeps x, the second convolution's output and the block's output; the backward
+    runs op by op, writes the ReLU gradients in place and recomputes the first convolution (twice) instead of keeping
+    its output and the first ReLU's: at most 5 are alive at once, for two more 3x3 convolutions forward.
+    """
+    conv1, bn1, conv2, bn2 = block.conv1, block.bn1, block.conv2, block.bn2
+    out, kept = recomputing_forward(block, x)
+    c2, mean1, invstd1, mean2, invstd2 = kept
+    del kept
+    leaf = out.detach().requires_grad_()
+    loss = head_loss(leaf)
+    loss.backward()
+    grad, leaf.grad = leaf.grad, None
+    del leaf
+    with torch.no_grad():
+        _relu_backward_(grad, out)
+        grad_c2, grad_bn2_w, grad_bn2_b = _batch_norm_backward(bn2, grad, c2, mean2, invstd2)
+        del grad, c2
+        r1 = _batch_norm_again(bn1, conv1(x)).relu_()
+        grad_r1, grad_conv2 = _conv_backward(conv2, grad_c2, r1, need_input=True)
+        del grad_c2
+        _relu_backward_(grad_r1, r1)
+        del r1
+        grad_c1, grad_bn1_w, grad_bn1_b = _batch_norm_backward(bn1, grad_r1, conv1(x), mean1, invstd1)
+        del grad_r1
+        _, grad_conv1 = _conv_backward(conv1, grad_c1, x, need_input=False)
+        del grad_c1
+    params = [conv1.weight, bn1.weight, bn1.bias, conv2.weight, bn2.weight, bn2.bias]
+    grads = [grad_conv1, grad_bn1_w, grad_bn1_b, grad_conv2, grad_bn2_w, grad_bn2_b]
+    torch.autograd.backward(params, grads)
+    return out, loss
 
 
 def crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:

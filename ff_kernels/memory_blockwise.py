@@ -15,11 +15,11 @@ then ``--steps`` measured steps; on CUDA the same in this process with ``max_mem
   the untimed step;
 - ``model``: the analytic working set. Per block i, S_i = the bytes autograd saves for its backward (counted with
   ``saved_tensors_hooks`` at two small batches and extrapolated linearly in the batch; parameters excluded; the head's
-  loss included for block-wise training; for backprop in one graph, so a block's input, saved as its predecessor's
-  output, counts once), O_i = its output's bytes, G_i = its parameters' bytes (their gradient). Block-wise:
-  max_i (S_i + G_i + 2 O_i) (one block's saved activations, its gradients, and two output-sized gradients in flight).
-  Backprop: max_j (sum_{i<=j} S_i + sum_{i>=j} G_i + 2 O_j) over the backward pass (the classifier's share in the
-  last block).
+  loss included for block-wise training; for a block that ``BlockwiseFF`` trains by recomputation, what its forward
+  keeps; for backprop in one graph, so a block's input, saved as its predecessor's output, counts once), O_i = its
+  output's bytes, G_i = its parameters' bytes (their gradient). Block-wise: max_i (S_i + G_i + 2 O_i) (one block's
+  saved activations, its gradients, and two output-sized gradients in flight). Backprop:
+  max_j (sum_{i<=j} S_i + sum_{i>=j} G_i + 2 O_j) over the backward pass (the classifier's share in the last block).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ff_kernels.blockwise import BackpropBaseline, BlockwiseFF, build_blocks
+from ff_kernels.blockwise import BackpropBaseline, BlockwiseFF, build_blocks, recomputing_forward
 from ff_kernels.heads import class_goodness_loss
 from ff_kernels.memory import MIB, Probe, measure_subprocess, write_csv
 
@@ -136,9 +136,16 @@ def measure(cfg: BlockwiseMemoryConfig) -> dict[str, Any]:
     }
 
 
-def _block_forward(trainer: BlockwiseFF | BackpropBaseline, i: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _block_forward(trainer: BlockwiseFF | BackpropBaseline, i: int, h: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Block i's forward as a training step runs it: with its head's loss (block-wise), or with the classifier after
-    the last block (backprop)."""
+    the last block (backprop). Returns the output and what a recomputing block keeps for its backward outside
+    autograd (``BlockwiseFF.recomputes``; else nothing)."""
+    if isinstance(trainer, BlockwiseFF) and trainer.recomputes(i, h):
+        out, kept = recomputing_forward(trainer.blocks[i], h)
+        head = trainer.heads[i]
+        class_goodness_loss(out, head.weight, head.bias, y, check_finite=False)
+        return out, [h, *kept]
     with trainer.autocast():
         out = trainer.blocks[i](h)
         if isinstance(trainer, BlockwiseFF):
@@ -146,12 +153,13 @@ def _block_forward(trainer: BlockwiseFF | BackpropBaseline, i: int, h: torch.Ten
             class_goodness_loss(out, head.weight, head.bias, y, check_finite=False)
         elif i == len(trainer.blocks) - 1:
             trainer.classifier(out)
-    return out
+    return out, []
 
 
-def _saved_storages(run: Callable[[], torch.Tensor], exclude: set[int], saved: dict[int, int]) -> torch.Tensor:
-    """Run ``run`` and record in ``saved`` the bytes of each storage autograd saves for the backward (once per
-    storage, parameters' excluded); returns its result."""
+def _saved_storages(run: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]], exclude: set[int],
+                    saved: dict[int, int]) -> torch.Tensor:
+    """Run ``run`` and record in ``saved`` the bytes of each storage autograd saves for the backward, and of those
+    ``run`` says it keeps (once per storage, parameters' excluded); returns its output."""
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -160,7 +168,10 @@ def _saved_storages(run: Callable[[], torch.Tensor], exclude: set[int], saved: d
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return run()
+        out, kept = run()
+    for t in kept:
+        pack(t)
+    return out
 
 
 def block_profile(trainer: BlockwiseFF | BackpropBaseline, cfg: BlockwiseMemoryConfig) -> list[dict[str, float]]:

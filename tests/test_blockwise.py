@@ -229,5 +229,5 @@ def test_train_command_block_wise_and_baseline(capsys) -> None:
 
 
 def test_train_command_rejects_a_missing_head_backend(capsys) -> None:
-    assert main(["train", "--model", "small_cnn", "--backend", "triton"]) == 2
+    assert main(["train", "--model", "small_cnn", "--backend", "cuda"]) == 2
     assert "class-goodness kernels" in capsys.readouterr().err
