@@ -58,6 +58,16 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A (out_features, in_features) floating, contiguous weight and a matching bias or None: one test where all
+    holds (every step pays it), then the named checks, which raise."""
+    if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 2:
+        shape = weight.shape
+        if shape[0] and shape[1] and weight.is_contiguous() and (
+            bias is None
+            or (isinstance(bias, torch.Tensor) and bias.dtype == weight.dtype and bias.shape == shape[:1]
+                and bias.device == weight.device and bias.is_contiguous())
+        ):
+            return
     _check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out_features, in_features); got {tuple(weight.shape)}")
@@ -92,6 +102,31 @@ def _check_parameters(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
     if not bias.is_contiguous():
         raise ValueError("bias must be contiguous (the fused update writes it in place); call .contiguous()")
+
+
+def check_inputs(
+    x_pos: torch.Tensor, x_neg: torch.Tensor, weight: torch.Tensor, check_finite: bool, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`check_input` of a step's two batches, which must also share a dtype: one test where everything holds
+    (at a small shape a step's checks cost as much as its launches), the named checks, which raise, where not.
+    Returns the batches contiguous."""
+    if isinstance(x_pos, torch.Tensor) and isinstance(x_neg, torch.Tensor):
+        dtype, in_features, device = x_pos.dtype, weight.shape[1], weight.device
+        if (
+            (dtype == weight.dtype or (dtype == compute_dtype and dtype in FLOAT_DTYPES))
+            and x_neg.dtype == dtype and x_pos.dim() == 2 and x_neg.dim() == 2
+            and x_pos.shape[1] == in_features and x_neg.shape[1] == in_features
+            and x_pos.device == device and x_neg.device == device
+        ):
+            if check_finite:
+                _check_finite("x_pos", x_pos)
+                _check_finite("x_neg", x_neg)
+            return x_pos.contiguous(), x_neg.contiguous()
+    x_pos = check_input("x_pos", x_pos, weight, check_finite, compute_dtype)
+    x_neg = check_input("x_neg", x_neg, weight, check_finite, compute_dtype)
+    if x_pos.dtype != x_neg.dtype:
+        raise TypeError(f"x_pos dtype {x_pos.dtype} differs from x_neg dtype {x_neg.dtype}")
+    return x_pos, x_neg
 
 
 def check_input(

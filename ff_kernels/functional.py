@@ -12,9 +12,10 @@ few steps, on the GPU paths.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -30,14 +31,40 @@ FINITE_IN_OP, FINITE_SCAN, FINITE_DEFERRED = "in_op", "scan", "deferred"
 
 
 class Route(NamedTuple):
-    """A resolved backend for one op: its table entry, its function, and where the finiteness check runs."""
+    """A resolved backend for one op: its table entry, its function, and where the finiteness check runs.
+    ``direct``: the function fuses the update and takes neither a compute dtype nor a finiteness flag (the Triton
+    path), so a step calls it with the checked arguments and the optimizer alone."""
 
     entry: dispatch.Implementation
     fn: Callable
     finite: str
+    direct: bool = False
 
 
 _routes: dict[tuple, Route] = {}
+
+F = TypeVar("F", bound=Callable)
+
+
+def without_grad(fn: F) -> F:
+    """``torch.no_grad()`` as a decorator, at a fraction of its eager cost (DESIGN 4's host target: the context
+    object it makes and enters per call costs about one tiny matrix product). Eagerly the grad mode is switched
+    directly; torch.compile traces the plain ``torch.no_grad`` version."""
+    traced = torch.no_grad()(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return traced(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        torch._C._set_grad_enabled(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def route_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> Route:
@@ -50,13 +77,18 @@ def route_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor)
 
     Resolved once per (op, backend, device type, dtypes): a step at a small shape costs less than the lookups. What
     can change later is checked where it is used: the extension's functions check that it is still loaded, and the
-    Triton backend on the CPU is keyed on TRITON_INTERPRET."""
-    check_choice("backend", backend, BACKENDS)
+    Triton backend on the CPU is keyed on TRITON_INTERPRET. Only a valid backend name is ever cached, so the name
+    is checked on a miss."""
     device = weight.device
-    key = (op, backend, device.type, compute, weight.dtype,
-           os.environ.get("TRITON_INTERPRET") if backend == "triton" else None)
-    route = _routes.get(key)
+    device_type = device.type
+    interpret = os.environ.get("TRITON_INTERPRET") if backend == "triton" and device_type == "cpu" else None
+    key = (op, backend, device_type, compute, weight.dtype, interpret)
+    try:
+        route = _routes.get(key)
+    except TypeError:  # an unhashable backend: refused below
+        route = None
     if route is None:
+        check_choice("backend", backend, BACKENDS)
         route = _routes[key] = _resolve(op, backend, compute, weight.dtype, device)
     return route
 
@@ -81,7 +113,8 @@ def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, de
         mode = FINITE_IN_OP if entry.checks_finite else FINITE_SCAN
     else:
         mode = FINITE_DEFERRED
-    return Route(entry, fn, mode)
+    direct = entry.fuses_update and not entry.compute_dtype and not entry.checks_finite
+    return Route(entry, fn, mode, direct)
 
 
 def resolve_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor) -> tuple[dispatch.Implementation,
@@ -132,7 +165,7 @@ def call_step(
     return out._replace(grad_weight=None, grad_bias=None)
 
 
-@torch.no_grad()
+@without_grad
 def ff_linear_step(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -177,10 +210,7 @@ def ff_linear_step(
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_step", backend, compute, weight)
     scan = check_finite and route.finite == FINITE_SCAN
-    x_pos = opt_checks.check_input("x_pos", x_pos, weight, scan, compute)
-    x_neg = opt_checks.check_input("x_neg", x_neg, weight, scan, compute)
-    if x_pos.dtype != x_neg.dtype:
-        raise TypeError(f"x_pos dtype {x_pos.dtype} differs from x_neg dtype {x_neg.dtype}")
+    x_pos, x_neg = opt_checks.check_inputs(x_pos, x_neg, weight, scan, compute)
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     opts = opt_checks.check_step_options(
         threshold=threshold,
@@ -192,18 +222,21 @@ def ff_linear_step(
         out_features=weight.shape[0],
     )
     opt_checks.check_pos_neg_rows(opts.loss, rows_pos, rows_neg)
-    offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight, scan)
-    offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight, scan)
+    if offset_pos is not None:
+        offset_pos = opt_checks.check_offset("offset_pos", offset_pos, rows_pos, weight, scan)
+    if offset_neg is not None:
+        offset_neg = opt_checks.check_offset("offset_neg", offset_neg, rows_neg, weight, scan)
     check_optimizer(optimizer, weight, bias)
     if check_finite and route.finite == FINITE_DEFERRED:
-        named = (("x_pos", x_pos), ("x_neg", x_neg), ("offset_pos", offset_pos), ("offset_neg", offset_neg))
-        finite.defer(weight.device, named)
+        finite.defer_step(weight.device, x_pos, x_neg, offset_pos, offset_neg)
+    if route.direct:
+        return route.fn(x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg, optimizer)
     args = (x_pos, x_neg, weight, bias, opts, offset_pos, offset_neg)
     check_in_op = check_finite and route.finite == FINITE_IN_OP
     return call_step(route, args, weight, bias, optimizer, compute, check_in_op)
 
 
-@torch.no_grad()
+@without_grad
 def ff_linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -154,3 +154,90 @@ def test_triton_step_defers_its_check(interval) -> None:
         ffk.ff_linear_step(x_pos, x_neg, w, b, backend="triton")
         with pytest.raises(ValueError, match="x_neg contains NaN or inf"):
             ffk.ff_linear_step(x_pos, x_pos, w, b, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Triton step's host path: plans cached per shape, one workspace allocation, no synchronisation, and still one
+# custom op under torch.compile
+
+
+def _triton_layer(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x_pos, x_neg = torch.rand(4, 8, generator=gen), torch.rand(4, 8, generator=gen)
+    w, b = torch.randn(8, 8, generator=gen), torch.randn(8, generator=gen)
+    return x_pos, x_neg, w, b, ffk.optim.Adam([w, b], lr=1e-3)
+
+
+@needs_triton
+def test_triton_step_plan_is_built_once_per_shape(monkeypatch) -> None:
+    from ff_kernels.ops.triton import ops
+
+    built = []
+    real = ops._build_plan
+    monkeypatch.setattr(ops, "_build_plan", lambda *args: built.append(args[:2]) or real(*args))
+    ops._plans.clear()
+    with bench_host.stubbed_triton_launches():
+        x_pos, x_neg, w, b, opt = _triton_layer()
+        for _ in range(3):
+            ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, backend="triton")
+        assert built == [(4, 4)]
+        ffk.ff_linear_step(x_pos[:3], x_neg, w, b, optimizer=opt, backend="triton")
+        ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, backend="triton", loss="symba")
+    assert built == [(4, 4), (3, 4), (4, 4)]
+
+
+@needs_triton
+def test_eager_triton_step_allocates_once_for_its_scratch_and_never_syncs() -> None:
+    """A step's device work outside the kernels: h, g and the loss (its outputs), one workspace for its scratch,
+    the deferred finiteness check, the views of its outputs; no copy to the host (item, tolist) and no memset."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with bench_host.stubbed_triton_launches():
+        x_pos, x_neg, w, b, opt = _triton_layer()
+        ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, backend="triton")
+        finite.check_now()  # the counted step must not be the one that reads the queue
+        with Count() as counted:
+            ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, backend="triton")
+    allocations = [op for op in counted.ops if op.startswith(("empty", "zeros", "full", "new_"))]
+    assert sorted(allocations) == ["empty", "empty", "empty_strided", "empty_strided"], counted.ops
+    assert counted.ops.count("_foreach_norm") == 1, counted.ops
+    assert not {"_local_scalar_dense", "zero_", "fill_", "sum", "copy_", "clone"} & set(counted.ops), counted.ops
+
+
+@needs_triton
+def test_compiled_triton_step_is_still_one_custom_op() -> None:
+    """torch.compile traces the step the public functions dispatch to into the registered op (with its fake), not
+    into the eager implementation."""
+    from ff_kernels.ops.triton import ops
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with bench_host.stubbed_triton_launches():
+            x_pos, x_neg, w, b, opt = _triton_layer()
+            opts = functional.opt_checks.check_step_options(
+                threshold=2.0, goodness="mean", loss="logistic", normalize="l2", eps=1e-4, alpha=4.0, out_features=8
+            )
+
+            def step(x_pos, x_neg, w, b):
+                return ops.ff_linear_step_triton_checked(x_pos, x_neg, w, b, opts, None, None, opt).loss
+
+            torch.compile(step, backend=backend, fullgraph=True)(x_pos, x_neg, w, b)
+    finally:
+        torch._dynamo.reset()
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert any("triton_step_adam_" in t for t in targets), targets

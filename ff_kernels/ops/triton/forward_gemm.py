@@ -15,6 +15,9 @@ which contiguous tensors of width 500 (the user's x and weight, and h as the con
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -217,6 +220,65 @@ def forward_grid(rows_pos: int, rows_neg: int, n: int, meta: dict) -> tuple[int]
     return (tiles_m * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
+class ForwardLaunch(NamedTuple):
+    """What one GEMM 1 launch needs beside its tensors, computed once per shape, dtype and options (the Triton
+    step caches it): the grid, the size arguments (P, Q, P+Q, N, K, the autotuner's row bucket) and the
+    constexprs."""
+
+    grid: Callable[[dict], tuple[int]]
+    sizes: tuple[int, int, int, int, int, int]
+    constexprs: dict[str, Any]
+
+
+def forward_launch(
+    rows_pos: int, rows_neg: int, n: int, k: int, dtype: torch.dtype, normalize: str, has_bias: bool, store_r: bool
+) -> ForwardLaunch:
+    """GEMM 1's launch plan; ``store_r`` without a normalisation stores nothing (there is no r)."""
+    rows = rows_pos + rows_neg
+    bucket, precision = tuning_args(rows, dtype)
+    norm_code = NORMALIZE_CODE[normalize]
+
+    def grid(meta: dict) -> tuple[int]:
+        return forward_grid(rows_pos, rows_neg, n, meta)
+
+    constexprs = {
+        "NORMALIZE": norm_code,
+        "HAS_BIAS": has_bias,
+        "STORE_R": store_r and norm_code != 0,
+        "INPUT_PRECISION": precision,
+        "INTERPRET": INTERPRETED,
+        "ALIGN_N": alignment(n),
+        "ALIGN_K": alignment(k),
+    }
+    return ForwardLaunch(grid, (rows_pos, rows_neg, rows, n, k, bucket), constexprs)
+
+
+def run_forward(
+    launch: ForwardLaunch,
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    h: torch.Tensor,
+    r: torch.Tensor | None,
+    partials: torch.Tensor,
+    eps: float,
+) -> int:
+    """GEMM 1 into buffers the caller checked and sized (at least one row); returns the N tiles it wrote."""
+    rows_pos, rows_neg = launch.sizes[0], launch.sizes[1]
+    # An empty batch is never read (its tiles do not exist); pass the other one so no null pointer is seen.
+    xp = x_pos if rows_pos else x_neg
+    xn = x_neg if rows_neg else x_pos
+    ff_forward_kernel[launch.grid](xp, xn, w, b, h, r, partials, *launch.sizes, eps, **launch.constexprs)
+    block_n = ff_forward_kernel.best_config.kwargs["BLOCK_N"]
+    return (launch.sizes[3] + block_n - 1) // block_n
+
+
+def partial_tiles(n: int) -> int:
+    """Rows of the partial-sum buffer: the N tiles of the narrowest config, so any config fits."""
+    return triton.cdiv(n, MIN_FORWARD_BLOCK_N)
+
+
 def launch_forward(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -238,41 +300,9 @@ def launch_forward(
     rows = rows_pos + rows_neg
     device = w.device
     h = torch.empty((rows, n), dtype=x_pos.dtype, device=device)
-    norm_code = NORMALIZE_CODE[normalize]
-    r = torch.empty((rows,), dtype=torch.float32, device=device) if store_r and norm_code else None
-    partials = torch.empty((triton.cdiv(n, MIN_FORWARD_BLOCK_N), rows), dtype=torch.float32, device=device)
+    r = torch.empty((rows,), dtype=torch.float32, device=device) if store_r and NORMALIZE_CODE[normalize] else None
+    partials = torch.empty((partial_tiles(n), rows), dtype=torch.float32, device=device)
     if rows == 0:
         return h, r, partials, 0
-    # An empty batch is never read (its tiles do not exist); pass the other one so no null pointer is seen.
-    xp = x_pos if rows_pos else x_neg
-    xn = x_neg if rows_neg else x_pos
-    bucket, precision = tuning_args(rows, x_pos.dtype)
-
-    def grid(meta: dict) -> tuple[int]:
-        return forward_grid(rows_pos, rows_neg, n, meta)
-
-    ff_forward_kernel[grid](
-        xp,
-        xn,
-        w,
-        b,
-        h,
-        r,
-        partials,
-        rows_pos,
-        rows_neg,
-        rows,
-        n,
-        k,
-        bucket,
-        eps,
-        NORMALIZE=norm_code,
-        HAS_BIAS=b is not None,
-        STORE_R=r is not None,
-        INPUT_PRECISION=precision,
-        INTERPRET=INTERPRETED,
-        ALIGN_N=alignment(n),
-        ALIGN_K=alignment(k),
-    )
-    tiles_n = triton.cdiv(n, ff_forward_kernel.best_config.kwargs["BLOCK_N"])
-    return h, r, partials, tiles_n
+    launch = forward_launch(rows_pos, rows_neg, n, k, x_pos.dtype, normalize, b is not None, r is not None)
+    return h, r, partials, run_forward(launch, x_pos, x_neg, w, b, h, r, partials, eps)

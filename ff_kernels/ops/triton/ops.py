@@ -4,23 +4,47 @@ thin functions ``ff_kernels.functional`` calls on already-checked inputs (DESIGN
 One step is three launches: GEMM 1 with the goodness epilogue (``forward_gemm``), the per-row loss and coefficient
 kernel (``row_loss``), GEMM 2 with the optimizer epilogue (``grad_update_gemm``). The custom ops make them opaque
 to ``torch.compile(fullgraph=True)``, with fake implementations; each runs with the weight's CUDA device current
-(Triton launches on the current device). Outside torch.compile the functions at the bottom call the
-implementations directly: torch.library's Python wrapper of a custom op costs more host time than a small step's
-kernels take on the GPU.
+(Triton launches on the current device).
+
+Host cost (DESIGN 4: a step at a tiny shape costs at most 25 tiny matrix products on the host). Outside
+torch.compile the functions at the bottom call the implementations directly: torch.library's Python wrapper of a
+mutating custom op re-reads its schema argument by argument and costs more host time than a small step's kernels
+take on the GPU. The inputs are checked once, at the public boundary (``ff_kernels.functional``, or the custom op
+and :func:`ff_linear_step_triton` for callers below it); what a launch needs beside its tensors (grids,
+constexprs, the autotuner's key, the split plan, the workspace layout, the coefficient scale) is planned once per
+shape, dtype, device and options (:func:`step_plan`); and a step's scratch (c, r, the partial sums, the row
+kernel's partial losses, GEMM 2's split workspace and tile counters) is one allocation.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from ff_kernels._options import StepOptions
 from ff_kernels.ops.scaling import coefficient_scale
-from ff_kernels.ops.triton.common import OPT_ADAM, OPT_NONE, OPT_SGD, check_state
-from ff_kernels.ops.triton.forward_gemm import launch_forward
-from ff_kernels.ops.triton.grad_update_gemm import Update, launch_grad_update
-from ff_kernels.ops.triton.row_loss import launch_goodness, launch_row_step
+from ff_kernels.ops.triton.common import (
+    OPT_ADAM,
+    OPT_NONE,
+    OPT_SGD,
+    check_layer,
+    check_rows,
+    check_state,
+)
+from ff_kernels.ops.triton.forward_gemm import ForwardLaunch, forward_launch, launch_forward, partial_tiles, run_forward
+from ff_kernels.ops.triton.grad_update_gemm import GradLaunch, Update, grad_launch, run_grad_update, update_flags
+from ff_kernels.ops.triton.row_loss import RowLaunch, launch_goodness, row_step_launch, run_row_step
 from ff_kernels.optim import SGD, Adam, FusedOptimizer
 from ff_kernels.types import FFStepOutput
+
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+# Workspace pieces start at multiples of this many fp32 elements (128 bytes): every kernel sees aligned pointers.
+_PIECE_ALIGN = 32
+# Plans kept before the cache starts afresh (a loop over ever new batch sizes must not grow it without bound).
+_MAX_PLANS = 4096
+_NO_UPDATE = Update(OPT_NONE)
 
 
 def _check_step(x_pos: torch.Tensor, x_neg: torch.Tensor, opts: StepOptions) -> None:
@@ -34,6 +58,157 @@ def _check_step(x_pos: torch.Tensor, x_neg: torch.Tensor, opts: StepOptions) -> 
         )
 
 
+def _check_inputs(x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  opts: StepOptions) -> None:
+    """What the kernels assume of a step's tensors, for callers that did not come through the public boundary."""
+    check_layer(w, b)
+    check_rows(x_pos, "x_pos", w)
+    check_rows(x_neg, "x_neg", w)
+    _check_step(x_pos, x_neg, opts)
+
+
+class StepPlan(NamedTuple):
+    """Everything about one step's launches that does not change from step to step at the same shape, dtype,
+    device and options: the three launch plans, the outputs' shapes, the workspace layout and the coefficient
+    scale. ``pieces`` are the workspace's fp32 pieces in the order c, partial sums, r, partial losses, GEMM 2's
+    weight and bias slabs, tile counters, each padded to ``_PIECE_ALIGN`` elements and cut after the last one
+    used."""
+
+    forward: ForwardLaunch
+    row: RowLaunch
+    grad: GradLaunch
+    h_shape: tuple[int, int]
+    h_stride: tuple[int, int]
+    rows_total: int
+    rows: tuple[int, int]
+    pieces: tuple[int, ...]
+    workspace: int
+    has_r: bool
+    one_program: bool
+    split: bool
+    coef_scale: float
+
+
+_plans: dict[tuple, StepPlan] = {}
+_fp32_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def _tf32_switch() -> object:
+    """PyTorch's fp32 matmul switch, the state ``common.input_precision`` derives fp32's precision from, read
+    without ``torch.backends``' attribute lookups (they cost about a tiny matrix product, at every step)."""
+    if _fp32_precision is not None:
+        return _fp32_precision("cuda", "matmul")
+    return torch._C._get_cublas_allow_tf32()
+
+
+def _padded(elements: int) -> int:
+    """``elements`` rounded up to a whole number of ``_PIECE_ALIGN``."""
+    return -(-elements // _PIECE_ALIGN) * _PIECE_ALIGN
+
+
+def _build_plan(
+    rows_pos: int,
+    rows_neg: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    has_bias: bool,
+    opts: StepOptions,
+    has_offsets: tuple[bool, bool],
+    update: Update,
+) -> StepPlan:
+    """A step's plan from scratch (:func:`step_plan` caches it)."""
+    rows = rows_pos + rows_neg
+    forward = forward_launch(rows_pos, rows_neg, n, k, dtype, opts.normalize, has_bias, store_r=True)
+    row = row_step_launch(rows_pos, rows_neg, opts.loss, *has_offsets)
+    grad = grad_launch(
+        rows_pos, rows_neg, n, k, dtype, device, opts.normalize, has_bias, update.kind, None, update_flags(update)
+    )
+    has_r = forward.constexprs["STORE_R"]
+    one_program = row.grid == (1,)
+    size_w, size_b, tiles = grad.workspace
+    sizes = [rows, partial_tiles(n) * rows, rows if has_r else 0, 0 if one_program else row.grid[0], size_w, size_b,
+             tiles]
+    while not sizes[-1]:
+        sizes.pop()
+    pieces = tuple(_padded(size) for size in sizes)
+    return StepPlan(
+        forward, row, grad, (rows, n), (n, 1), rows, (rows_pos, rows_neg), pieces, sum(pieces), has_r, one_program,
+        tiles > 0,
+        coefficient_scale(opts, rows_pos, rows_neg),
+    )
+
+
+def step_plan(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    update: Update,
+) -> StepPlan:
+    """The step's launch plan, built on the first step of its shape, dtype, device, options and kind of update
+    and looked up afterwards (for fp32, PyTorch's TF32 switch is in the key: it may change between steps)."""
+    dtype = x_pos.dtype
+    key = (
+        x_pos.shape[0], x_neg.shape[0], w.shape, dtype, w.device, b is not None, offset_pos is not None,
+        offset_neg is not None, update.kind, update.momentum != 0.0, update.nesterov, update.decoupled,
+        _tf32_switch() if dtype == torch.float32 else None, opts.normalize, opts.loss, opts.kappa, opts.alpha,
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        n, k = w.shape
+        plan = _plans[key] = _build_plan(key[0], key[1], n, k, dtype, w.device, key[5], opts, key[6:8], update)
+    return plan
+
+
+def _run_step(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    opts: StepOptions,
+    update: Update,
+) -> tuple[StepResult, StepPlan]:
+    """The three launches of one step on checked inputs, on the weight's device: ((loss, g, h, grad_weight,
+    grad_bias), the plan)."""
+    plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
+    device = w.device
+    grad_w = grad_b = None
+    if update.kind == OPT_NONE:
+        grad_w = torch.empty_like(w)
+        grad_b = None if b is None else torch.empty_like(b)
+    with torch.cuda.device_of(w):
+        # empty_strided and integer sizes: torch.empty parses a shape tuple at about a third of a step's budget
+        h = torch.empty_strided(plan.h_shape, plan.h_stride, dtype=x_pos.dtype, device=device)
+        g = torch.empty(plan.rows_total, dtype=torch.float32, device=device)
+        parts = torch.empty(plan.workspace, dtype=torch.float32, device=device).split_with_sizes(plan.pieces)
+        c, partials = parts[0], parts[1]
+        r = parts[2] if plan.has_r else None
+        if plan.one_program:
+            loss = loss_parts = torch.empty_strided((), (), dtype=torch.float32, device=device)
+        else:
+            loss_parts = parts[3]
+        ws = wsb = counts = None
+        if plan.split:
+            ws, counts = parts[4], parts[6].view(torch.int32).zero_()
+            wsb = parts[5] if b is not None else None
+        tiles_n = run_forward(plan.forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
+        run_row_step(plan.row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
+        run_grad_update(plan.grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, plan.coef_scale, update, ws, wsb,
+                        counts)
+        if not plan.one_program:
+            loss = loss_parts.sum()
+    return (loss, g, h, grad_w, grad_b), plan
+
+
 def _step(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -43,16 +218,10 @@ def _step(
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
     update: Update,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The three launches of one step, on the weight's device: (loss, g, h, grad_weight, grad_bias)."""
-    _check_step(x_pos, x_neg, opts)
-    rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
-    with torch.cuda.device_of(w):
-        h, r, partials, tiles_n = launch_forward(x_pos, x_neg, w, b, opts.normalize, opts.eps, store_r=True)
-        g, c, loss = launch_row_step(partials, tiles_n, rows_pos, rows_neg, opts, offset_pos, offset_neg)
-        scale = coefficient_scale(opts, rows_pos, rows_neg)
-        grad_w, grad_b = launch_grad_update(x_pos, x_neg, h, c, r, w, b, opts.normalize, scale, update)
-    return loss, g, h, grad_w, grad_b
+) -> StepResult:
+    """A custom op's step: its inputs checked (the op is a boundary of its own), then the launches."""
+    _check_inputs(x_pos, x_neg, w, b, opts)
+    return _run_step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,58 +481,140 @@ def ff_linear_step_triton(
     offset_neg: torch.Tensor | None = None,
     optimizer: FusedOptimizer | None = None,
 ) -> FFStepOutput:
-    """One fused FF step: three kernels, the update (if any) applied in the GEMM 2 epilogue in place."""
+    """One fused FF step: three kernels, the update (if any) applied in the GEMM 2 epilogue in place. For callers
+    below the public API: checks what the kernels assume of the tensors (errors name the argument), then runs
+    :func:`ff_linear_step_triton_checked`."""
+    _check_inputs(x_pos, x_neg, w, b, opts)
+    return ff_linear_step_triton_checked(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
+
+
+def ff_linear_step_triton_checked(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None = None,
+    offset_neg: torch.Tensor | None = None,
+    optimizer: FusedOptimizer | None = None,
+) -> FFStepOutput:
+    """:func:`ff_linear_step_triton` on inputs ``ff_kernels.functional`` has checked. Traced by torch.compile, it
+    calls the custom ops; eagerly, the implementation, with the plan cached and the optimizer state checked here."""
+    if torch.compiler.is_compiling():
+        return _traced_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
+    update = _NO_UPDATE if optimizer is None else _eager_update(optimizer, w, b)
+    (loss, g, h, grad_w, grad_b), plan = _run_step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    if optimizer is not None:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
+        torch._C._increment_version((w,) if b is None else (w, b))  # torch.autograd.graph.increment_version's work
+    g_pos, g_neg = g.split_with_sizes(plan.rows)
+    h_pos, h_neg = h.split_with_sizes(plan.rows)
+    return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, grad_b)
+
+
+def _eager_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> Update:
+    """The kernel's update record from the optimizer's state (advanced by one step) and hyperparameters; the state
+    is checked as the custom ops check it, with the same names."""
+    if isinstance(optimizer, Adam):
+        moments, corrections = optimizer.fused_state(w, b)
+        exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b = moments
+        if not _state_fits(w, b, exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b):
+            check_state(w, b, exp_avg_w=exp_avg_w, exp_avg_sq_w=exp_avg_sq_w, exp_avg_b=exp_avg_b,
+                        exp_avg_sq_b=exp_avg_sq_b)
+        beta1, beta2 = optimizer.betas
+        return Update(
+            OPT_ADAM, exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b, float(optimizer.lr),
+            float(optimizer.weight_decay), 0.0, 0.0, False, False, False, float(beta1), float(beta2),
+            float(optimizer.eps), bool(optimizer.decoupled_weight_decay), *corrections,
+        )
+    if isinstance(optimizer, SGD):
+        (buf_w, buf_b), (first_w, first_b) = optimizer.fused_state(w, b)
+        if not _state_fits(w, b, buf_w, None, buf_b, None):
+            check_state(w, b, buf_w=buf_w, buf_b=buf_b)
+        return Update(
+            OPT_SGD, buf_w, None, buf_b, None, float(optimizer.lr), float(optimizer.weight_decay),
+            float(optimizer.momentum), float(optimizer.dampening), bool(optimizer.nesterov), first_w, first_b,
+        )
+    raise TypeError(f"the Triton backend has no fused update for {type(optimizer).__name__}")
+
+
+def _state_fits(
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    s1w: torch.Tensor | None,
+    s2w: torch.Tensor | None,
+    s1b: torch.Tensor | None,
+    s2b: torch.Tensor | None,
+) -> bool:
+    """``check_state``'s conditions as one fast test (fp32, the parameter's shape and device, contiguous; ``*w`` the
+    weight's state, ``*b`` the bias's); where it fails, ``check_state`` runs to say which tensor and why."""
+    device = w.device
+    for param, state in ((w, (s1w, s2w)), (b, (s1b, s2b))):
+        if param is None:
+            continue
+        shape = param.shape
+        for s in state:
+            if s is not None and not (
+                s.dtype == torch.float32 and s.shape == shape and s.device == device and s.is_contiguous()
+            ):
+                return False
+    return True
+
+
+def _traced_step(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    optimizer: FusedOptimizer | None,
+) -> FFStepOutput:
+    """The step as torch.compile sees it: one custom op (with fakes), opaque to the graph."""
     rows_pos = x_pos.shape[0]
     step_args = (offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize, opts.eps, opts.alpha)
-    traced = torch.compiler.is_compiling()
     grad_w = grad_b = None
     if optimizer is None:
-        step = torch.ops.ff_kernels.triton_step if traced else _step_no_update
-        loss, g, h, grad_w, gb = step(x_pos, x_neg, w, b, *step_args)
+        loss, g, h, grad_w, gb = torch.ops.ff_kernels.triton_step(x_pos, x_neg, w, b, *step_args)
         grad_b = None if b is None else gb
+    elif isinstance(optimizer, SGD):
+        bufs, firsts = optimizer.fused_state(w, b)
+        loss, g, h = torch.ops.ff_kernels.triton_step_sgd_(
+            x_pos,
+            x_neg,
+            w,
+            b,
+            *step_args,
+            bufs[0],
+            bufs[1],
+            float(optimizer.lr),
+            float(optimizer.momentum),
+            float(optimizer.dampening),
+            float(optimizer.weight_decay),
+            bool(optimizer.nesterov),
+            firsts[0],
+            firsts[1],
+        )
+    elif isinstance(optimizer, Adam):
+        moments, corrections = optimizer.fused_state(w, b)
+        beta1, beta2 = optimizer.betas
+        loss, g, h = torch.ops.ff_kernels.triton_step_adam_(
+            x_pos,
+            x_neg,
+            w,
+            b,
+            *step_args,
+            *moments,
+            float(optimizer.lr),
+            float(beta1),
+            float(beta2),
+            float(optimizer.eps),
+            float(optimizer.weight_decay),
+            bool(optimizer.decoupled_weight_decay),
+            *corrections,
+        )
     else:
-        if isinstance(optimizer, SGD):
-            bufs, firsts = optimizer.fused_state(w, b)
-            step_sgd = torch.ops.ff_kernels.triton_step_sgd_ if traced else _step_sgd
-            loss, g, h = step_sgd(
-                x_pos,
-                x_neg,
-                w,
-                b,
-                *step_args,
-                bufs[0],
-                bufs[1],
-                float(optimizer.lr),
-                float(optimizer.momentum),
-                float(optimizer.dampening),
-                float(optimizer.weight_decay),
-                bool(optimizer.nesterov),
-                firsts[0],
-                firsts[1],
-            )
-        elif isinstance(optimizer, Adam):
-            moments, corrections = optimizer.fused_state(w, b)
-            beta1, beta2 = optimizer.betas
-            step_adam = torch.ops.ff_kernels.triton_step_adam_ if traced else _step_adam
-            loss, g, h = step_adam(
-                x_pos,
-                x_neg,
-                w,
-                b,
-                *step_args,
-                *moments,
-                float(optimizer.lr),
-                float(beta1),
-                float(beta2),
-                float(optimizer.eps),
-                float(optimizer.weight_decay),
-                bool(optimizer.decoupled_weight_decay),
-                *corrections,
-            )
-        else:
-            raise TypeError(f"the Triton backend has no fused update for {type(optimizer).__name__}")
-        if not traced:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
-            torch.autograd.graph.increment_version(w if b is None else (w, b))
+        raise TypeError(f"the Triton backend has no fused update for {type(optimizer).__name__}")
     return FFStepOutput.from_stacked(loss, g, h, rows_pos, grad_w, grad_b)
 
 

@@ -5,6 +5,8 @@ pair) and c_i = 2 kappa dL/dg_i. Each program writes its partial loss; the 0-dim
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -119,6 +121,60 @@ def launch_goodness(partials: torch.Tensor, tiles_n: int, rows: int, kappa: floa
     return g
 
 
+class RowLaunch(NamedTuple):
+    """What one row-step launch needs beside its tensors and options, computed once per batch sizes and loss (the
+    Triton step caches it): the grid, the row counts (P, Q, P+Q), 1 / the rows the loss averages, the constexprs."""
+
+    grid: tuple[int]
+    rows: tuple[int, int, int]
+    inv_rows: float
+    constexprs: dict[str, Any]
+
+
+def row_step_launch(rows_pos: int, rows_neg: int, loss: str, has_offset_pos: bool, has_offset_neg: bool) -> RowLaunch:
+    """The row step's launch plan: one program per ``BLOCK`` rows (or SymBa pairs), one partial loss each."""
+    rows = rows_pos + rows_neg
+    block, grid = row_launch(max(rows_pos, rows_neg))
+    constexprs = {
+        "STEP": True,
+        "LOSS": LOSS_CODE[loss],
+        "HAS_OFFSET_POS": has_offset_pos,
+        "HAS_OFFSET_NEG": has_offset_neg,
+        "BLOCK": block,
+    }
+    return RowLaunch(grid, (rows_pos, rows_neg, rows), 1.0 / (rows_pos if loss == "symba" else rows), constexprs)
+
+
+def run_row_step(
+    launch: RowLaunch,
+    partials: torch.Tensor,
+    tiles_n: int,
+    g: torch.Tensor,
+    c: torch.Tensor,
+    loss_parts: torch.Tensor,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+) -> None:
+    """The row step into buffers the caller sized: ``loss_parts`` holds one partial loss per program (with one
+    program, a 0-dim tensor is the loss itself)."""
+    ff_row_kernel[launch.grid](
+        partials,
+        g,
+        c,
+        loss_parts,
+        offset_pos,
+        offset_neg,
+        *launch.rows,
+        tiles_n,
+        opts.kappa,
+        opts.threshold,
+        opts.alpha,
+        launch.inv_rows,
+        **launch.constexprs,
+    )
+
+
 def launch_row_step(
     partials: torch.Tensor,
     tiles_n: int,
@@ -133,28 +189,7 @@ def launch_row_step(
     device = partials.device
     g = torch.empty((rows,), dtype=torch.float32, device=device)
     c = torch.empty((rows,), dtype=torch.float32, device=device)
-    block, grid = row_launch(max(rows_pos, rows_neg))
-    loss_parts = torch.empty(grid, dtype=torch.float32, device=device)
-    inv_rows = 1.0 / (rows_pos if opts.loss == "symba" else rows)
-    ff_row_kernel[grid](
-        partials,
-        g,
-        c,
-        loss_parts,
-        offset_pos,
-        offset_neg,
-        rows_pos,
-        rows_neg,
-        rows,
-        tiles_n,
-        opts.kappa,
-        opts.threshold,
-        opts.alpha,
-        inv_rows,
-        STEP=True,
-        LOSS=LOSS_CODE[opts.loss],
-        HAS_OFFSET_POS=offset_pos is not None,
-        HAS_OFFSET_NEG=offset_neg is not None,
-        BLOCK=block,
-    )
+    launch = row_step_launch(rows_pos, rows_neg, opts.loss, offset_pos is not None, offset_neg is not None)
+    loss_parts = torch.empty(launch.grid, dtype=torch.float32, device=device)
+    run_row_step(launch, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
     return g, c, loss_parts.sum()
