@@ -35,7 +35,9 @@ class Implementation:
 TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
     ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
-    ("linear_step", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_step_triton", fuses_update=True),
+    ("linear_step", "triton"): Implementation(
+        "ff_kernels.ops.triton.ops:ff_linear_step_triton_checked", fuses_update=True
+    ),
     ("linear_step", "cuda"): Implementation(
         "ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True, compute_dtype=True, checks_finite=True
     ),
@@ -61,16 +63,27 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("conv2d_forward", "torch"): Implementation(
         "ff_kernels.ops.torch_conv:ff_conv2d_forward_torch", compute_dtype=True
     ),
+    ("conv2d_step", "triton"): Implementation(
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_step_triton", fuses_update=True
+    ),
+    ("conv2d_class_step", "triton"): Implementation(
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True
+    ),
+    ("conv2d_forward", "triton"): Implementation("ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton"),
     ("class_goodness_loss", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_loss_ref"),
     ("class_goodness_loss", "torch"): Implementation("ff_kernels.ops.torch_heads:class_goodness_loss_torch"),
     ("class_goodness", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_ref"),
     ("class_goodness", "torch"): Implementation("ff_kernels.ops.torch_heads:class_goodness_torch"),
+    ("class_goodness_loss", "triton"): Implementation(
+        "ff_kernels.ops.triton.class_goodness:class_goodness_loss_triton"
+    ),
+    ("class_goodness", "triton"): Implementation("ff_kernels.ops.triton.class_goodness:class_goodness_triton"),
 }
 
 # Pairs known to be missing, and why: the error says so instead of only listing the backends that exist.
 _NOT_BUILT = {
     "cuda": "the C++/CUDA extension has no convolution or class-goodness kernels",
-    "triton": "the Triton convolution and class-goodness kernels are not written yet",
+    "triton": "the Triton class-goodness linear step is not written yet",
 }
 MISSING: dict[tuple[str, str], str] = {
     (op, backend): reason
@@ -79,6 +92,7 @@ MISSING: dict[tuple[str, str], str] = {
         "class_goodness",
     )
     for backend, reason in _NOT_BUILT.items()
+    if (op, backend) not in TABLE
 }
 
 _loaded: dict[tuple[str, str], Callable] = {}
