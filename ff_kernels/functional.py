@@ -43,6 +43,19 @@ class Route(NamedTuple):
 
 _routes: dict[tuple, Route] = {}
 
+# TRITON_INTERPRET as ``route_for`` keys on it, read at every step: ``os.environ.get`` encodes the key and decodes
+# the value (about a sixth of a tiny matrix product); on POSIX, ``os.environ`` keeps the encoded pairs in a dict that
+# every write through it updates, which one lookup reads (the bytes value keys the route as well as its text).
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_INTERPRET_KEY = b"TRITON_INTERPRET"
+
+
+def _interpret_setting() -> object:
+    """``TRITON_INTERPRET`` as set in ``os.environ`` now (None when unset), in a form that only keys the routes."""
+    if isinstance(_ENV_BYTES, dict):
+        return _ENV_BYTES.get(_INTERPRET_KEY)
+    return os.environ.get("TRITON_INTERPRET")
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -81,7 +94,7 @@ def route_for(op: str, backend: str, compute: torch.dtype, weight: torch.Tensor)
     is checked on a miss."""
     device = weight.device
     device_type = device.type
-    interpret = os.environ.get("TRITON_INTERPRET") if backend == "triton" and device_type == "cpu" else None
+    interpret = _interpret_setting() if backend == "triton" and device_type == "cpu" else None
     key = (op, backend, device_type, compute, weight.dtype, interpret)
     try:
         route = _routes.get(key)

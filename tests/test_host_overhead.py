@@ -187,6 +187,39 @@ def test_triton_step_plan_is_built_once_per_shape(monkeypatch) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("api", ["fp32_precision", "allow_tf32"])
+def test_triton_step_follows_a_tf32_switch_toggled_between_steps(api) -> None:
+    """The plans are cached, but PyTorch's TF32 switch is read at every fp32 step: toggling it between two steps
+    changes the precision the next step's GEMMs are launched with, either way."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    precisions: list[str] = []
+
+    def record(*args, **kwargs) -> None:
+        precisions.append(kwargs["INPUT_PRECISION"])
+
+    def set_tf32(on: bool) -> None:
+        if api == "allow_tf32":
+            matmul.allow_tf32 = on
+        else:
+            matmul.fp32_precision = "tf32" if on else "ieee"
+
+    try:
+        with bench_host.stubbed_triton_launches() as stubs:
+            for name, stub in stubs.items():
+                if name.endswith(("forward_gemm.ff_forward_kernel", "grad_update_gemm.ff_grad_update_kernel")):
+                    stub._launch = record
+            x_pos, x_neg, w, b, opt = _triton_layer()
+            for on in (False, True, True, False, True):
+                set_tf32(on)
+                precisions.clear()
+                ffk.ff_linear_step(x_pos, x_neg, w, b, optimizer=opt, backend="triton")
+                assert precisions == ["tf32" if on else "ieee"] * 2, (on, precisions)
+    finally:
+        matmul.allow_tf32 = saved == "tf32"  # the legacy setter leaves both APIs readable for later tests
+
+
+@needs_triton
 def test_eager_triton_step_allocates_once_for_its_scratch_and_never_syncs() -> None:
     """A step's device work outside the kernels: h, g and the loss (its outputs), one workspace for its scratch,
     the deferred finiteness check, the views of its outputs; no copy to the host (item, tolist) and no memset."""

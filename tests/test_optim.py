@@ -337,3 +337,26 @@ def test_step_rejects_torch_optimizer() -> None:
     x_pos, x_neg, weight, bias = _step_data()
     with pytest.raises(TypeError, match="optimizer must be an ff_kernels.optim optimizer.*got Adam"):
         ffk.ff_linear_step(x_pos, x_neg, weight, bias, optimizer=torch.optim.Adam([weight, bias]))
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
+def test_adam_fused_state_advances_both_steps_and_checks_both_first(cls) -> None:
+    """What the fused kernels read: the moments (created as fp32 zeros on first use, the same tensors after), the
+    step counts advanced by one per call and the bias corrections of the new counts; a parameter the optimizer does
+    not hold is refused before any state changes."""
+    weight, bias = torch.randn(3, 4), torch.randn(3)
+    opt = cls([weight, bias], lr=0.05, betas=(0.8, 0.9))
+    first, _ = opt.fused_state(weight, bias)
+    assert [tuple(m.shape) for m in first] == [(3, 4), (3, 4), (3,), (3,)]
+    assert all(m.dtype == torch.float32 and not m.any() for m in first)
+    for step in (2, 3):
+        moments, corrections = opt.fused_state(weight, bias)
+        assert all(m is f for m, f in zip(moments, first))
+        assert corrections == [*opt.bias_corrections(step), *opt.bias_corrections(step)]
+        assert [s["step"] for s in opt.state] == [step, step]
+    moments, corrections = opt.fused_state(weight, None)
+    assert moments[2:] == [None, None] and corrections[2:] == [0.0, 1.0]
+    assert [s["step"] for s in opt.state] == [4, 3]
+    with pytest.raises(ValueError, match="optimizer does not hold bias"):
+        opt.fused_state(weight, bias.clone())
+    assert [s["step"] for s in opt.state] == [4, 3]

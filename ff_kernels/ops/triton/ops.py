@@ -180,33 +180,53 @@ def _run_step(
     """The three launches of one step on checked inputs, on the weight's device: ((loss, g, h, grad_weight,
     grad_bias), the plan)."""
     plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
+    if not w.is_cuda:  # torch.cuda.device_of(w) is a no-op there (the interpreter), and its objects cost host time
+        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update), plan
+    previous = torch.cuda._exchange_device(w.get_device())  # torch.cuda.device_of(w)'s work, without its objects
+    try:
+        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update), plan
+    finally:
+        torch.cuda._maybe_exchange_device(previous)
+
+
+def _launch_step(
+    plan: StepPlan,
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    opts: StepOptions,
+    update: Update,
+) -> StepResult:
+    """:func:`_run_step`'s allocations and launches, with the weight's device current."""
     device = w.device
     grad_w = grad_b = None
     if update.kind == OPT_NONE:
         grad_w = torch.empty_like(w)
         grad_b = None if b is None else torch.empty_like(b)
-    with torch.cuda.device_of(w):
-        # empty_strided and integer sizes: torch.empty parses a shape tuple at about a third of a step's budget
-        h = torch.empty_strided(plan.h_shape, plan.h_stride, dtype=x_pos.dtype, device=device)
-        g = torch.empty(plan.rows_total, dtype=torch.float32, device=device)
-        parts = torch.empty(plan.workspace, dtype=torch.float32, device=device).split_with_sizes(plan.pieces)
-        c, partials = parts[0], parts[1]
-        r = parts[2] if plan.has_r else None
-        if plan.one_program:
-            loss = loss_parts = torch.empty_strided((), (), dtype=torch.float32, device=device)
-        else:
-            loss_parts = parts[3]
-        ws = wsb = counts = None
-        if plan.split:
-            ws, counts = parts[4], parts[6].view(torch.int32).zero_()
-            wsb = parts[5] if b is not None else None
-        tiles_n = run_forward(plan.forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
-        run_row_step(plan.row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
-        run_grad_update(plan.grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, plan.coef_scale, update, ws, wsb,
-                        counts)
-        if not plan.one_program:
-            loss = loss_parts.sum()
-    return (loss, g, h, grad_w, grad_b), plan
+    # empty_strided and integer sizes: torch.empty parses a shape tuple at about a third of a step's budget
+    h = torch.empty_strided(plan.h_shape, plan.h_stride, dtype=x_pos.dtype, device=device)
+    g = torch.empty(plan.rows_total, dtype=torch.float32, device=device)
+    parts = torch.empty(plan.workspace, dtype=torch.float32, device=device).split_with_sizes(plan.pieces)
+    c, partials = parts[0], parts[1]
+    r = parts[2] if plan.has_r else None
+    if plan.one_program:
+        loss = loss_parts = torch.empty_strided((), (), dtype=torch.float32, device=device)
+    else:
+        loss_parts = parts[3]
+    ws = wsb = counts = None
+    if plan.split:
+        ws, counts = parts[4], parts[6].view(torch.int32).zero_()
+        wsb = parts[5] if b is not None else None
+    tiles_n = run_forward(plan.forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
+    run_row_step(plan.row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
+    run_grad_update(plan.grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, plan.coef_scale, update, ws, wsb,
+                    counts)
+    if not plan.one_program:
+        loss = loss_parts.sum()
+    return loss, g, h, grad_w, grad_b
 
 
 def _step(
@@ -547,16 +567,17 @@ def _state_fits(
 ) -> bool:
     """``check_state``'s conditions as one fast test (fp32, the parameter's shape and device, contiguous; ``*w`` the
     weight's state, ``*b`` the bias's); where it fails, ``check_state`` runs to say which tensor and why."""
-    device = w.device
-    for param, state in ((w, (s1w, s2w)), (b, (s1b, s2b))):
-        if param is None:
-            continue
-        shape = param.shape
-        for s in state:
-            if s is not None and not (
-                s.dtype == torch.float32 and s.shape == shape and s.device == device and s.is_contiguous()
-            ):
-                return False
+    device, f32 = w.device, torch.float32
+    shape = w.shape
+    for s in (s1w, s2w):
+        if s is not None and not (s.dtype == f32 and s.is_contiguous() and s.device == device and s.shape == shape):
+            return False
+    if b is None:
+        return True
+    shape = b.shape
+    for s in (s1b, s2b):
+        if s is not None and not (s.dtype == f32 and s.is_contiguous() and s.device == device and s.shape == shape):
+            return False
     return True
 
 
