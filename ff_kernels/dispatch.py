@@ -53,6 +53,9 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_class_step", "torch"): Implementation(
         "ff_kernels.ops.torch_conv:ff_linear_class_step_torch", compute_dtype=True
     ),
+    ("linear_class_step", "triton"): Implementation(
+        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True
+    ),
     ("conv2d_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_step_ref"),
     ("conv2d_step", "torch"): Implementation("ff_kernels.ops.torch_conv:ff_conv2d_step_torch", compute_dtype=True),
     ("conv2d_class_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_class_step_ref"),
@@ -83,7 +86,6 @@ TABLE: dict[tuple[str, str], Implementation] = {
 # Pairs known to be missing, and why: the error says so instead of only listing the backends that exist.
 _NOT_BUILT = {
     "cuda": "the C++/CUDA extension has no convolution or class-goodness kernels",
-    "triton": "the Triton class-goodness linear step is not written yet",
 }
 MISSING: dict[tuple[str, str], str] = {
     (op, backend): reason

@@ -209,6 +209,7 @@ def _conv_forward_tile(
     M,
     N,
     K,
+    K_ROW,
     HW,
     OW,
     H,
@@ -229,7 +230,9 @@ def _conv_forward_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M positions, BLOCK_N channels) tile of h for stacked sample ``sample`` (``x_sample`` of x)."""
+    """One (BLOCK_M positions, BLOCK_N channels) tile of h for stacked sample ``sample`` (``x_sample`` of x). The
+    weight rows are K_ROW >= K long, zero past K (``weight_rows``); the weight loads are masked at K_ROW, not K, so
+    that the mask is uniform over 16-element runs and the loads can be vectorised into async copies."""
     offs_m = pos_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -239,11 +242,11 @@ def _conv_forward_tile(
     ih0 = oh * stride_h - pad_h
     iw0 = (offs_m - oh * OW) * stride_w - pad_w
     x_base = x_ptr + x_sample.to(tl.int64) * sxb
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K_ROW + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = _patches(x_base, sxc, sxh, sxw, ih0, iw0, m_mask, k0 + offs_k, K, H, W, dil_h, dil_w, KH, KW)
-        bt = tl.load(w_ptrs + k0, mask=((k0 + offs_k) < K)[:, None] & n_mask[None, :], other=0.0)
+        bt = tl.load(w_ptrs + k0, mask=((k0 + offs_k) < K_ROW)[:, None] & n_mask[None, :], other=0.0)
         if INTERPRET:
             acc = tl.dot(a.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -287,6 +290,7 @@ def ff_conv_forward_kernel(
     M,
     N,
     K,
+    K_ROW,
     HW,
     M_BUCKET,
     OW,
@@ -320,13 +324,13 @@ def ff_conv_forward_kernel(
     if sample < P:
         _conv_forward_tile(
             xp_ptr, spb, spc, sph, spw, sample, sample, pos_tile, pid_n, w_ptr, b_ptr, h_ptr, r_ptr, part_ptr,
-            M, N, K, HW, OW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            M, N, K, K_ROW, HW, OW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
             NORMALIZE, HAS_BIAS, KH, KW, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )
     else:
         _conv_forward_tile(
             xn_ptr, snb, snc, snh, snw, sample - P, sample, pos_tile, pid_n, w_ptr, b_ptr, h_ptr, r_ptr, part_ptr,
-            M, N, K, HW, OW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+            M, N, K, K_ROW, HW, OW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
             NORMALIZE, HAS_BIAS, KH, KW, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
@@ -704,6 +708,20 @@ def launch_conv_scale(
     return r
 
 
+# GEMM 1 reads the weight as (C, K_ROW) rows, K_ROW = C_in kh kw rounded up to this many elements (16 bytes or more
+# in every dtype, and Triton's divisibility-by-16 hint on the stride): unaligned rows (27 elements of a 3-channel 3x3
+# layer, 54 bytes in bf16) would make the weight tile loads plain loads instead of cp.async / TMA copies.
+WEIGHT_ROW_ALIGN = 16
+
+
+def weight_rows(w: torch.Tensor) -> torch.Tensor:
+    """The (C, K) weight as GEMM 1 reads it: a view where K is a multiple of ``WEIGHT_ROW_ALIGN``, otherwise a
+    zero-padded (C, K_ROW) copy (a few KB for the layers that need it: those have few input channels)."""
+    rows = w.view(w.shape[0], -1)
+    tail = -rows.shape[1] % WEIGHT_ROW_ALIGN
+    return rows if tail == 0 else torch.nn.functional.pad(rows, (0, tail))
+
+
 def launch_conv_forward(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -726,12 +744,14 @@ def launch_conv_forward(
     xp = x_pos if rows_pos else x_neg
     xn = x_neg if x_neg.shape[0] else x_pos
     bucket, precision = tuning_args(rows * hw, x_pos.dtype)
+    w_rows = weight_rows(w)
 
     def grid(meta: dict) -> tuple[int]:
         return (rows * triton.cdiv(hw, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     ff_conv_forward_kernel[grid](
-        xp, xn, w, b, h, r, partials, *xp.stride(), *xn.stride(), rows_pos, rows, n, k, hw, bucket, *geo,
+        xp, xn, w_rows, b, h, r, partials, *xp.stride(), *xn.stride(), rows_pos, rows, n, k, w_rows.shape[1], hw,
+        bucket, *geo,
         NORMALIZE=0 if r is None else 1, HAS_BIAS=b is not None, KH=w.shape[2], KW=w.shape[3],
         INPUT_PRECISION=precision, INTERPRET=INTERPRETED,
     )

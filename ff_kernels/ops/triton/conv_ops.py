@@ -362,17 +362,58 @@ def ff_conv2d_class_step_triton(
     optimizer: FusedOptimizer | None = None,
 ) -> FFClassStepOutput:
     """One fused class-goodness conv step; the update (if any) applied in GEMM 2's epilogue, in place."""
+    update = None if optimizer is None else _update_args(optimizer, weight, bias)
+    return _class_step(x, labels, weight, bias, opts, geometry, update)
+
+
+def _class_step(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: ClassStepOptions,
+    geometry: ConvGeometry,
+    update: tuple | None,
+) -> FFClassStepOutput:
+    """The class step's op call, ``update`` being :func:`_update_args`'s tuple (None: return the gradients)."""
     class_args = (*_geometry_lists(geometry), opts.num_classes, opts.kappa, opts.temperature, opts.normalize, opts.eps)
     traced = torch.compiler.is_compiling()
-    if optimizer is None:
+    if update is None:
         step = torch.ops.ff_kernels.triton_conv_class_step if traced else _class_no_update
         loss, g, h, grad_w, gb = step(x, labels, weight, bias, *class_args)
         return FFClassStepOutput(loss, g, h, grad_w, None if bias is None else gb)
     step_update = torch.ops.ff_kernels.triton_conv_class_step_update_ if traced else _class_update
-    loss, g, h = step_update(x, labels, weight, bias, *class_args, *_update_args(optimizer, weight, bias))
+    loss, g, h = step_update(x, labels, weight, bias, *class_args, *update)
     if not traced:
         torch.autograd.graph.increment_version(weight if bias is None else (weight, bias))
     return FFClassStepOutput(loss, g, h, None, None)
+
+
+# A linear layer as a convolution: a 1x1 kernel over 1x1 images.
+_LINEAR_GEOMETRY = ConvGeometry((1, 1), (0, 0), (1, 1))
+
+
+def ff_linear_class_step_triton(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: ClassStepOptions,
+    optimizer: FusedOptimizer | None = None,
+) -> FFClassStepOutput:
+    """One fused class-goodness linear step: the conv class step on x (B, K) as (B, K, 1, 1) images and the weight
+    (N, K) as an (N, K, 1, 1) kernel, so one set of kernels serves both. Views throughout, never copies: the update
+    writes through the weight view, and the optimizer state (kept in the weight's (N, K) shape, which the fused
+    update checks against the kernel it is given) is viewed the same way. h and grad_weight come back as (B, N)
+    and (N, K) views."""
+    kernel = weight.view(*weight.shape, 1, 1)
+    update = None
+    if optimizer is not None:
+        opt, s1w, s2w, *rest = _update_args(optimizer, weight, bias)  # the optimizer holds the (N, K) tensor
+        update = (opt, *(None if s is None else s.view(kernel.shape) for s in (s1w, s2w)), *rest)
+    out = _class_step(x.view(*x.shape, 1, 1), labels, kernel, bias, opts, _LINEAR_GEOMETRY, update)
+    grad_w = None if out.grad_weight is None else out.grad_weight.view(weight.shape)
+    return out._replace(h=out.h.view(x.shape[0], weight.shape[0]), grad_weight=grad_w)
 
 
 def ff_conv2d_forward_triton(
