@@ -20,12 +20,14 @@ class Implementation:
     otherwise it returns gradients and the caller applies the update. ``compute_dtype``: it takes
     ``compute_dtype=`` (matrix products in another dtype than the weight's). ``checks_finite``: it takes
     ``check_finite=`` and scans the inputs itself on CPU tensors, inside its first pass (``ff_kernels.finite``).
+    ``auto``: ``backend="auto"`` may pick it; a correct but slow route (asked for by name only) sets it False.
     """
 
     target: str
     fuses_update: bool = False
     compute_dtype: bool = False
     checks_finite: bool = False
+    auto: bool = True
 
     def load(self) -> Callable:
         module, name = self.target.split(":")
@@ -53,8 +55,10 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_class_step", "torch"): Implementation(
         "ff_kernels.ops.torch_conv:ff_linear_class_step_torch", compute_dtype=True
     ),
+    # Through the conv class step on 1x1 images: one sample per row tile, correct but slow on a GPU, so ``auto``
+    # keeps the torch backend (cuBLAS) there.
     ("linear_class_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True
+        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True, auto=False
     ),
     ("conv2d_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_step_ref"),
     ("conv2d_step", "torch"): Implementation("ff_kernels.ops.torch_conv:ff_conv2d_step_torch", compute_dtype=True),

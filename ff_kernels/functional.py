@@ -110,7 +110,7 @@ def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, de
     if backend != "auto":
         dispatch.spec(op, backend)
     name = resolve_backend(backend, device)
-    if (op, name) not in dispatch.TABLE:
+    if (op, name) not in dispatch.TABLE or (backend == "auto" and not dispatch.TABLE[(op, name)].auto):
         name = "torch"
     if compute != dtype and not dispatch.TABLE[(op, name)].compute_dtype:
         supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]

@@ -157,3 +157,20 @@ def test_mixed_dtype_results_read_together() -> None:
         finite.check_now()
     finally:
         finite._pending.clear()
+
+
+def test_auto_keeps_the_torch_backend_for_the_slow_triton_linear_class_step(monkeypatch):
+    """``auto`` on a device where Triton would be chosen still routes this op to torch; by name it is Triton."""
+    from ff_kernels import dispatch, functional
+
+    def triton_on_auto(backend: str, device: torch.device) -> str:
+        return "triton" if backend == "auto" else backend
+
+    monkeypatch.setattr(functional, "resolve_backend", triton_on_auto)
+    device = torch.device("cpu")
+    auto = functional._resolve("linear_class_step", "auto", torch.float32, torch.float32, device)
+    assert auto.entry is dispatch.TABLE[("linear_class_step", "torch")]
+    named = functional._resolve("linear_class_step", "triton", torch.float32, torch.float32, device)
+    assert named.entry is dispatch.TABLE[("linear_class_step", "triton")]
+    step = functional._resolve("linear_step", "auto", torch.float32, torch.float32, device)
+    assert step.entry is dispatch.TABLE[("linear_step", "triton")]
