@@ -16,7 +16,8 @@ Two parts, one run:
   the label overlaid on the first ten pixels at the batch maximum as mohammadpz does, negatives with a wrong label),
   ``--mnist-steps`` steps per layer.
 
-Each part runs every loop ``--repeats`` times, interleaved, and reports the median time.
+Each part runs every loop ``--repeats`` times (the errors part ``--digits-repeats`` times, if given: its errors do
+not change from one run to the next), interleaved, and reports the median time.
 
     python benchmarks/port_mohammadpz.py --json benchmarks/results/cpu/port_mohammadpz.json
     python benchmarks/port_mohammadpz.py --quick    # 100 digits steps and 10 MNIST-shape steps per layer, once
@@ -145,9 +146,11 @@ def digits_part(args: argparse.Namespace) -> dict:
         errors[name] = (error_rate(layers, data.x_train, data.y_train, num_classes, value),
                         error_rate(layers, data.x_test, data.y_test, num_classes, value))
 
-    times = run_interleaved(loops(initial_layers(dims, args.seed), x_pos, x_neg, args.steps), args.repeats, record)
+    times = run_interleaved(loops(initial_layers(dims, args.seed), x_pos, x_neg, args.steps), args.digits_repeats,
+                            record)
     rows = rows_of(times, errors)
-    return dict(data="digits (label appended)", dims=dims, rows_pos=x_pos.shape[0], steps=args.steps, rows=rows)
+    return dict(data="digits (label appended)", dims=dims, rows_pos=x_pos.shape[0], steps=args.steps,
+                repeats=args.digits_repeats, rows=rows)
 
 
 def mnist_shapes_part(args: argparse.Namespace) -> dict:
@@ -159,7 +162,8 @@ def mnist_shapes_part(args: argparse.Namespace) -> dict:
     x_pos, x_neg = overlay_replace(pixels, labels, num_classes), overlay_replace(pixels, wrong, num_classes)
     dims = [784, 500, 500]
     times = run_interleaved(loops(initial_layers(dims, args.seed), x_pos, x_neg, args.mnist_steps), args.repeats)
-    return dict(data="synthetic MNIST-like", dims=dims, rows_pos=rows, steps=args.mnist_steps, rows=rows_of(times))
+    return dict(data="synthetic MNIST-like", dims=dims, rows_pos=rows, steps=args.mnist_steps, repeats=args.repeats,
+                rows=rows_of(times))
 
 
 def rows_of(times: dict[str, list[float]], errors: dict[str, tuple[float, float]] | None = None) -> list[dict]:
@@ -174,9 +178,9 @@ def rows_of(times: dict[str, list[float]], errors: dict[str, tuple[float, float]
     return out
 
 
-def print_part(title: str, part: dict, repeats: int) -> None:
+def print_part(title: str, part: dict) -> None:
     print(f"\n{title}: {part['data']}, dims {part['dims']}, P = Q = {part['rows_pos']}, {part['steps']} full-batch "
-          f"Adam steps per layer, median of {repeats}")
+          f"Adam steps per layer, median of {part['repeats']}")
     errors = "train_error" in part["rows"][0]
     print(f"{'variant':<26}{'seconds':>9}{'speed-up':>10}{'min-max s':>16}" + (f"{'train err':>11}{'test err':>10}"
                                                                              if errors else ""))
@@ -194,6 +198,7 @@ def main() -> None:
     parser.add_argument("--mnist-rows", type=int, default=4000, help="synthetic inputs at MNIST's shapes (P = Q)")
     parser.add_argument("--mnist-steps", type=int, default=100, help="steps per layer at MNIST's shapes (speed)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--digits-repeats", type=int, default=None, help="repeats of the errors part (default: same)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="100 digits steps and 10 MNIST-shape steps, one repeat")
@@ -201,6 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.mnist_steps, args.repeats = 100, 10, 1
+    if args.digits_repeats is None or args.quick:
+        args.digits_repeats = args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
@@ -210,9 +217,9 @@ def main() -> None:
     print(f"{env['cpu_model']} ({env['cpu_capability']}, bf16 matmul in hardware: {env['cpu_bf16_matmul']}), "
           f"{env['threads']} threads, torch {env['torch']}, ff_kernels backend auto = {env['backend']!r}")
     digits = digits_part(args)
-    print_part("errors", digits, args.repeats)
+    print_part("errors", digits)
     mnist = mnist_shapes_part(args)
-    print_part("speed at MNIST's layer shapes", mnist, args.repeats)
+    print_part("speed at MNIST's layer shapes", mnist)
     env["load_avg_1m_end"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w") as f:

@@ -1,11 +1,12 @@
 // The fused CPU passes of the layer step, between and after the two ATen GEMMs (DESIGN 3 on a CPU):
 //
-//   scale_rows   x_pos, x_neg -> xs = [r_i x_i] in the compute dtype, the row norms and the finiteness scan in the
-//                same read of x;
-//   (GEMM 1)     z = xs W^T
-//   finish_rows  z -> h = relu(z + b) in place, the goodness, and for a step the loss, c_i and GEMM 2's left operand
-//                a_i = (c_i / 2^s) h_i with grad_b / 2^s as its column sums, all while the row is in cache;
-//   (GEMM 2)     grad_w / 2^s = a^T xs
+//   scale_rows   x_pos, x_neg -> the row scales r_i and the finiteness scan in one read of x, and xs = [r_i x_i] in
+//                the compute dtype when x is in another dtype (or, below, r_i is not folded);
+//   (GEMM 1)     z = xs W^T, or z = x W^T with r_i folded into the epilogue
+//   finish_rows  z -> h = relu(r_i z + b) in place, the goodness, and for a step the loss, c_i and GEMM 2's left
+//                operand a_i = (c_i / 2^s) h_i (times r_i when folded) with grad_b / 2^s as the column sums of
+//                (c_i / 2^s) h_i, all while the row is in cache;
+//   (GEMM 2)     grad_w / 2^s = a^T xs (a^T x when folded)
 //   update       one pass over a parameter: 2^s, then the SGD/Adam/AdamW step (or the gradient's store).
 //
 // Each pass is one at::parallel_for over rows (or parameter chunks) of at::vec::Vectorized code. The passes are
@@ -22,7 +23,8 @@
 
 namespace ffk::cpu {
 
-// Pass 1. x_pos (P, K) and x_neg (Q, K) are contiguous in x_type; xs (P + Q, K) is written in xs_type. The
+// Pass 1. x_pos (P, K) and x_neg (Q, K) are contiguous in x_type; xs (P + Q, K) is written in xs_type, or, when xs
+// is nullptr, the row scales r_i (P + Q,) in the accumulate type (nothing with normalize = none: r_i = 1). The
 // accumulate type is double for double tensors and float otherwise.
 struct ScaleRows {
   const void* x_pos = nullptr;
@@ -31,6 +33,7 @@ struct ScaleRows {
   int64_t rows_pos = 0, rows_neg = 0, cols = 0;
   void* xs = nullptr;
   at::ScalarType xs_type = at::kFloat;
+  void* scales = nullptr;  // with xs == nullptr and a normalize other than none
   Normalize normalize = Normalize::l2;
   double eps = 1e-4;
   bool check_finite = false;
@@ -46,6 +49,9 @@ struct FinishRows {
   at::ScalarType h_type = at::kFloat;
   const void* bias = nullptr;  // (N,) in bias_type, nullable; added to z before h's one rounding
   at::ScalarType bias_type = at::kFloat;
+  // (P + Q,) r_i in the accumulate type, nullable: GEMM 1 and GEMM 2 then took x itself, so z is scaled by r_i
+  // before the bias and a_i carries r_i, while grad_b's sums do not.
+  const void* row_scale = nullptr;
   int64_t rows_pos = 0, rows_neg = 0, cols = 0;
   double kappa = 1.0;
   void* goodness_pos = nullptr;

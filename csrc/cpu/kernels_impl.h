@@ -133,8 +133,8 @@ constexpr int64_t kGrain = 32768;
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pass 1: r_i and xs_i = r_i x_i (formed in the accumulate type, rounded once), the finiteness scan in the same read.
-// r_i follows ops/torch_step.py's input_scale: 1 / (||x_i|| (* K^-1/2 for rms) + eps).
+// Pass 1: r_i and xs_i = r_i x_i (formed in the accumulate type, rounded once), or r_i alone, the finiteness scan in
+// the same read. r_i follows ops/torch_step.py's input_scale: 1 / (||x_i|| (* K^-1/2 for rms) + eps).
 // ---------------------------------------------------------------------------------------------------------------
 template <typename X, typename C>
 void scale_rows_impl(ScaleRows& args) {
@@ -144,16 +144,17 @@ void scale_rows_impl(ScaleRows& args) {
   const auto* x_pos = static_cast<const X*>(args.x_pos);
   const auto* x_neg = static_cast<const X*>(args.x_neg);
   auto* xs = static_cast<C*>(args.xs);
+  auto* scales = static_cast<A*>(args.scales);
   const Normalize normalize = args.normalize;
   const A rms_scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(cols)));
   const A eps = static_cast<A>(args.eps);
   const bool scan = args.check_finite;
   std::atomic<bool> bad_pos{false}, bad_neg{false};
+  if (xs == nullptr && (normalize == Normalize::none || scales == nullptr) && !scan) return;
 
   at::parallel_for(0, rows_pos + args.rows_neg, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const X* x = i < rows_pos ? x_pos + i * cols : x_neg + (i - rows_pos) * cols;
-      C* out = xs + i * cols;
       Pack<A> squares = splat<A>(0), poison = splat<A>(0);  // poison: x * 0 is NaN exactly where x is not finite
       if (normalize != Normalize::none || scan) {
         for (int64_t j = 0; j < cols; j += step) {
@@ -164,12 +165,20 @@ void scale_rows_impl(ScaleRows& args) {
       }
       if (scan && std::isnan(sum(poison))) (i < rows_pos ? bad_pos : bad_neg).store(true, std::memory_order_relaxed);
       if (normalize == Normalize::none) {
+        if (xs == nullptr) continue;
+        C* out = xs + i * cols;
         for (int64_t j = 0; j < cols; j += step) store(out + j, load<A>(x + j, cols - j), cols - j);
         continue;
       }
       A norm = std::sqrt(sum(squares));
       if (normalize == Normalize::rms) norm *= rms_scale;
-      const Vectorized<A> r(A(1) / (norm + eps));
+      const A scale = A(1) / (norm + eps);
+      if (xs == nullptr) {
+        scales[i] = scale;
+        continue;
+      }
+      C* out = xs + i * cols;
+      const Vectorized<A> r(scale);
       for (int64_t j = 0; j < cols; j += step) {
         store(out + j, each([&](auto a) { return a * r; }, load<A>(x + j, cols - j)), cols - j);
       }
@@ -184,10 +193,11 @@ void scale_rows(ScaleRows& args) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pass 2: GEMM 1's epilogue. Per row: h = relu(z + b) stored over z, g = kappa * sum h^2 of the stored (rounded)
-// values; for a step also the loss term and c_i (per row for the logistic loss, per (i, P + i) pair for SymBa,
-// whose c couples the two), then a_i = (c_i / 2^s) h_i into GEMM 2's operand and into this thread's partial column
-// sums for grad_b. The loss terms are summed in row order afterwards, so the loss does not depend on the threading.
+// Pass 2: GEMM 1's epilogue. Per row: h = relu(r_i z + b) (r_i = 1 unless folded) stored over z, g = kappa * sum h^2
+// of the stored (rounded) values; for a step also the loss term and c_i (per row for the logistic loss, per
+// (i, P + i) pair for SymBa, whose c couples the two), then a_i = (c_i r_i / 2^s) h_i into GEMM 2's operand and
+// (c_i / 2^s) h_i into this thread's partial column sums for grad_b. The loss terms are summed in row order
+// afterwards, so the loss does not depend on the threading.
 // ---------------------------------------------------------------------------------------------------------------
 double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); }
 
@@ -204,6 +214,7 @@ void finish_rows_impl(const FinishRows& args) {
   auto* h = static_cast<C*>(args.h);
   auto* a = static_cast<C*>(args.a);
   const auto* bias = static_cast<const B*>(args.bias);
+  const auto* row_scale = static_cast<const A*>(args.row_scale);
   auto* goodness_pos = static_cast<A*>(args.goodness_pos);
   auto* goodness_neg = static_cast<A*>(args.goodness_neg);
   const auto* offset_pos = static_cast<const A*>(args.offset_pos);
@@ -218,8 +229,10 @@ void finish_rows_impl(const FinishRows& args) {
   const auto activate = [&](int64_t i) {
     C* row = h + i * cols;
     Pack<A> squares = splat<A>(0);
+    const Vectorized<A> r(row_scale == nullptr ? A(1) : row_scale[i]);
     for (int64_t j = 0; j < cols; j += step) {
       Pack<A> z = load<A>(row + j, cols - j);
+      if (row_scale != nullptr) z = each([&](auto u) { return u * r; }, z);
       if (bias != nullptr) z = each([](auto u, auto v) { return u + v; }, z, load<A>(bias + j, cols - j));
       const Pack<A> out = each([](auto u) { return at::vec::clamp_min(u, Vectorized<A>(0)); }, z);
       store(row + j, out, cols - j);
@@ -229,16 +242,17 @@ void finish_rows_impl(const FinishRows& args) {
     (i < rows_pos ? goodness_pos[i] : goodness_neg[i - rows_pos]) = g;
     return g;
   };
-  // a_i = coef * h_i, and its column sums into the thread's grad_b partials.
+  // a_i = coef r_i h_i, and coef h_i into the thread's grad_b partials.
   const auto scale = [&](int64_t i, A coef, A* partial) {
     const C* row = h + i * cols;
     C* out = a + i * cols;
-    const Vectorized<A> c(coef);
+    const Vectorized<A> c(coef), c_a(row_scale == nullptr ? coef : coef * row_scale[i]);
     for (int64_t j = 0; j < cols; j += step) {
-      const Pack<A> v = each([&](auto u) { return u * c; }, load<A>(row + j, cols - j));
-      store(out + j, v, cols - j);
+      const Pack<A> u = load<A>(row + j, cols - j);
+      store(out + j, each([&](auto v) { return v * c_a; }, u), cols - j);
       if (partial != nullptr) {
-        store(partial + j, each([](auto u, auto acc) { return u + acc; }, v, load<A>(partial + j, cols - j)),
+        store(partial + j, each([&](auto v, auto acc) { return at::vec::fmadd(v, c, acc); }, u,
+                                load<A>(partial + j, cols - j)),
               cols - j);
       }
     }

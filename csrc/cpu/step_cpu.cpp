@@ -1,14 +1,15 @@
 // CPU implementation of the ff_kernels_ext ops: the fused CPU step. Two ATen GEMMs (MKL/oneDNN; bf16 and fp16 with
-// fp32 accumulation) and three fused vector passes around them (kernels.h): the row scales with the scaled copy of x
-// and the finiteness scan; GEMM 1's epilogue with the goodness, the loss, the coefficients, GEMM 2's operand and
-// grad_b; the optimizer update (or the gradients' store). GEMM 2's operands follow the rule of ff_kernels.h's
-// coefficient_scale: (c_i / 2^s) h_i and r_i x_i.
+// fp32 accumulation) and three fused vector passes around them (kernels.h): the row scales with the finiteness scan
+// (and the scaled copy of x where x needs a conversion); GEMM 1's epilogue with the goodness, the loss, the
+// coefficients, GEMM 2's operand and grad_b; the optimizer update (or the gradients' store). GEMM 2's operands
+// follow the rule of ff_kernels.h's coefficient_scale: (c_i / 2^s) h_i and r_i x_i, or (c_i r_i / 2^s) h_i and x_i.
 //
 // Every CPU op runs the one core below: cpu_step_ and cpu_forward (backend="cuda" on CPU tensors) and forward, step,
 // step_sgd_ and step_adam_, the CPU twins of the CUDA kernels (parameters' dtype for the GEMMs, no finiteness check).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/as_strided_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
@@ -153,52 +154,103 @@ struct Rows {
   }
 };
 
-// Pass 1 into a fresh (P + Q, K) buffer in the compute dtype: r_i x_i, the operand of both GEMMs (GEMM 1's r_i
-// then needs no epilogue, GEMM 2's right operand is bounded by 1 in every dtype). Raises on non-finite inputs,
-// naming them as the caller does.
-Tensor scale_rows(const Tensor& x_pos, const Tensor& x_neg, const Layer& layer, Normalize normalize, double eps,
-                  bool check_finite, const char* name_pos = "x_pos", const char* name_neg = "x_neg") {
+// The GEMMs' right operand over the P + Q rows, as one matrix or as the two batches.
+struct Operand {
+  Tensor pos, neg;
+  Tensor both;    // (P + Q, K), or undefined when the GEMMs take the batches one by one
+  Tensor scales;  // (P + Q,) r_i in the accumulate type when they are folded into the passes, else undefined
+};
+
+// Below this many elements of x, copying it costs less than the two GEMM calls more that folding takes.
+constexpr int64_t kFoldMin = 32768;
+
+// Pass 1. Where x is in the compute dtype and that is fp32 or fp64, the GEMMs take x itself and r_i goes into the
+// passes (GEMM 1's epilogue and GEMM 2's left operand): x is read once, and not copied. Otherwise (or for a small x)
+// into a fresh (P + Q, K) buffer in the compute dtype, r_i x_i, the operand of both GEMMs (GEMM 2's right operand is
+// then bounded by 1 in every dtype, and a bf16 or fp16 h is rounded once). Raises on non-finite inputs, naming them
+// as the caller does.
+Operand scale_rows(const Tensor& x_pos, const Tensor& x_neg, const Layer& layer, Normalize normalize, double eps,
+                   bool check_finite, const char* name_pos = "x_pos", const char* name_neg = "x_neg") {
   const int64_t rows_pos = x_pos.size(0), rows_neg = x_neg.size(0);
   TORCH_CHECK(rows_pos == 0 || rows_neg == 0 || x_pos.scalar_type() == x_neg.scalar_type(), "x_pos dtype ",
               x_pos.scalar_type(), " differs from x_neg dtype ", x_neg.scalar_type());
-  Tensor xs = empty({rows_pos + rows_neg, layer.w.size(1)}, layer.compute);
+  const at::ScalarType x_type = rows_pos > 0 ? x_pos.scalar_type() : x_neg.scalar_type();
+  const bool fold = x_type == layer.compute && accumulate_type(layer.compute) == layer.compute &&
+                    (rows_pos + rows_neg) * layer.w.size(1) >= kFoldMin;
+  Operand out;
+  if (fold) {
+    out.pos = x_pos;
+    out.neg = x_neg;
+    // Two GEMMs each even where x_neg's rows follow x_pos's in memory: the results do not depend on the layout.
+    if (rows_neg == 0 || rows_pos == 0) out.both = rows_neg == 0 ? x_pos : x_neg;
+    if (normalize != Normalize::none) out.scales = empty({rows_pos + rows_neg}, layer.compute);
+  } else {
+    out.both = empty({rows_pos + rows_neg, layer.w.size(1)}, layer.compute);
+    out.pos = out.both.narrow(0, 0, rows_pos);
+    out.neg = out.both.narrow(0, rows_pos, rows_neg);
+  }
   ffk::cpu::ScaleRows pass;
   pass.x_pos = x_pos.const_data_ptr();
   pass.x_neg = x_neg.const_data_ptr();
-  pass.x_type = rows_pos > 0 ? x_pos.scalar_type() : x_neg.scalar_type();
+  pass.x_type = x_type;
   pass.rows_pos = rows_pos;
   pass.rows_neg = rows_neg;
   pass.cols = layer.w.size(1);
-  pass.xs = xs.data_ptr();
+  pass.xs = fold ? nullptr : out.both.data_ptr();
   pass.xs_type = layer.compute;
+  pass.scales = out.scales.defined() ? out.scales.data_ptr() : nullptr;
   pass.normalize = normalize;
   pass.eps = eps;
   pass.check_finite = check_finite;
   ffk::cpu::kernels().scale_rows(pass);
   TORCH_CHECK_VALUE(!pass.nonfinite_pos, name_pos, " contains NaN or inf; pass check_finite=False to skip this check");
   TORCH_CHECK_VALUE(!pass.nonfinite_neg, name_neg, " contains NaN or inf; pass check_finite=False to skip this check");
-  return xs;
+  return out;
 }
 
-// GEMM 1 (z = xs W^T in the compute dtype, accumulated in fp32; one call for both batches) and the pass that
-// finishes it. The bias is added there, in fp32 before h's one rounding, rather than by ATen's addmm, which would
-// first copy the broadcast bias over the whole output.
+// out = x m, or its two row ranges from the two batches.
+void mm_rows(Tensor& out, const Operand& x, const Tensor& m) {
+  if (x.both.defined()) {
+    at::cpu::mm_out(out, x.both, m);
+    return;
+  }
+  const int64_t rows_pos = x.pos.size(0);
+  Tensor out_pos = out.narrow(0, 0, rows_pos), out_neg = out.narrow(0, rows_pos, x.neg.size(0));
+  at::cpu::mm_out(out_pos, x.pos, m);
+  at::cpu::mm_out(out_neg, x.neg, m);
+}
+
+// out = a^T x, or the sum of the two batches' products (the second accumulated into out by the GEMM, beta = 1).
+void mm_transposed_rows(Tensor& out, const Tensor& a, const Operand& x) {
+  if (x.both.defined()) {
+    at::cpu::mm_out(out, transposed(a), x.both);
+    return;
+  }
+  const int64_t rows_pos = x.pos.size(0);
+  at::cpu::mm_out(out, transposed(a.narrow(0, 0, rows_pos)), x.pos);
+  at::cpu::addmm_(out, transposed(a.narrow(0, rows_pos, x.neg.size(0))), x.neg);
+}
+
+// GEMM 1 (z = xs W^T in the compute dtype, accumulated in fp32; one call for both batches where xs is one matrix)
+// and the pass that finishes it. The bias is added there, in fp32 before h's one rounding, rather than by ATen's
+// addmm, which would first copy the broadcast bias over the whole output.
 struct Forward {
   Tensor h;
   Rows g;
   ffk::cpu::FinishRows pass;
 };
 
-Forward forward_rows(const Tensor& xs, const Layer& layer, int64_t rows_pos, int64_t rows_neg, double kappa,
+Forward forward_rows(const Operand& xs, const Layer& layer, int64_t rows_pos, int64_t rows_neg, double kappa,
                      bool stack_goodness) {
   const int64_t cols = layer.w.size(0);
   Forward f{empty({rows_pos + rows_neg, cols}, layer.compute),
             Rows(rows_pos, rows_neg, accumulate_type(layer.compute), stack_goodness), {}};
   const Tensor w = layer.w.scalar_type() == layer.compute ? layer.w : layer.w.to(layer.compute);
-  at::cpu::mm_out(f.h, xs, transposed(w));
+  mm_rows(f.h, xs, transposed(w));
   ffk::cpu::FinishRows& pass = f.pass;
   pass.h = f.h.data_ptr();
   pass.h_type = layer.compute;
+  pass.row_scale = xs.scales.defined() ? xs.scales.const_data_ptr() : nullptr;
   if (layer.b) {
     pass.bias = layer.b->const_data_ptr();
     pass.bias_type = layer.b->scalar_type();
@@ -215,7 +267,7 @@ Forward forward_rows(const Tensor& xs, const Layer& layer, int64_t rows_pos, int
 std::tuple<Tensor, Tensor> forward_impl(const Tensor& x_in, const Layer& layer, double kappa, Normalize normalize,
                                         double eps, bool check_finite) {
   const Tensor x = check_rows(x_in, layer, "x");
-  const Tensor xs = scale_rows(x, x.narrow(0, 0, 0), layer, normalize, eps, check_finite, "x", "x");
+  const Operand xs = scale_rows(x, x.narrow(0, 0, 0), layer, normalize, eps, check_finite, "x", "x");
   Forward f = forward_rows(xs, layer, x.size(0), 0, kappa, false);
   ffk::cpu::kernels().finish_rows(f.pass);
   return {f.h, f.g.pos};
@@ -288,7 +340,7 @@ StepResult step_impl(const Tensor& x_pos_in, const Tensor& x_neg_in, const Layer
   TORCH_CHECK_VALUE(rows_pos + rows_neg > 0, "x_pos and x_neg are both empty: the loss over zero rows is undefined");
   TORCH_CHECK_VALUE(o.loss != Loss::symba || (rows_pos == rows_neg && rows_pos > 0),
                     "loss='symba' pairs rows: x_pos and x_neg need the same, non-zero number of rows");
-  const Tensor xs = scale_rows(x_pos, x_neg, layer, o.normalize, o.eps, check_finite);
+  const Operand xs = scale_rows(x_pos, x_neg, layer, o.normalize, o.eps, check_finite);
   const OptTensor off_pos = check_offset(offset_pos, rows_pos, layer, check_finite, "offset_pos");
   const OptTensor off_neg = check_offset(offset_neg, rows_neg, layer, check_finite, "offset_neg");
 
@@ -316,7 +368,7 @@ StepResult step_impl(const Tensor& x_pos_in, const Tensor& x_neg_in, const Layer
 
   // GEMM 2: grad_w / 2^s = a^T xs (a (M, N) and xs (M, K), both in the compute dtype).
   Tensor grad_w_scaled = empty(layer.w.sizes(), layer.compute);
-  at::cpu::mm_out(grad_w_scaled, transposed(a), xs);
+  mm_transposed_rows(grad_w_scaled, a, xs);
   StepResult out{loss, f.h, std::move(f.g), Tensor(), Tensor()};
   out.grad_w = update(layer.w, grad_w_scaled.const_data_ptr(), layer.compute, grad_w_scaled, scale, opt, false);
   if (layer.b) out.grad_b = update(*layer.b, pass.grad_bias, acc, Tensor(), scale, opt, true);

@@ -5,9 +5,10 @@ on):
 
 - CPU tensors: the fused CPU step of ``csrc/cpu`` (``cpu_step_``, ``cpu_forward``), what ``backend="auto"`` picks on
   the CPU wherever the extension is built. Two ATen GEMMs (MKL/oneDNN; bf16 and fp16 with fp32 accumulation) and
-  three fused vector passes (row norms with the scaled copy of x and the finiteness scan; bias, ReLU, goodness,
-  loss, coefficients, GEMM 2's operand and grad_b; the optimizer update), each one parallel loop compiled for
-  ATen's CPU capability. ``compute_dtype`` runs the GEMMs in another dtype than the parameters' (bf16 with fp32
+  three fused vector passes (row norms with the finiteness scan, and the scaled copy of x where x needs a conversion
+  to the compute dtype: an fp32 x goes to the GEMMs as it is, its row scales folded into the next pass; bias, ReLU,
+  goodness, loss, coefficients, GEMM 2's operand and grad_b; the optimizer update), each one parallel loop compiled
+  for ATen's CPU capability. ``compute_dtype`` runs the GEMMs in another dtype than the parameters' (bf16 with fp32
   master weights). The checks a step needs beyond the public boundary's, the finiteness scan included, are in the
   same call, so a step costs one operator call from Python.
 - CUDA tensors: the kernels of ``csrc/cuda`` (GEMM 1 with the row-norm/bias/ReLU/sum-of-squares epilogue, the
