@@ -326,6 +326,7 @@ class Row:
     extra_pct_h: float = math.nan
     first_loss: float = math.nan
     model_floor_ms: float = math.nan
+    model_split_pct_h: float = math.nan
 
     @property
     def shape(self) -> Shape:
@@ -385,7 +386,9 @@ def bench_config(problem: Problem, device: torch.device, variants: Sequence[str]
                 ratio = rows[ref].median_ms / row.median_ms
                 setattr(row, attr, 1 / ratio if invert else ratio)
     if device.type == "cuda":
-        add_model_floor(rows.values(), roofline.precision_of(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
+        precision = roofline.precision_of(problem.dtype, torch.backends.cuda.matmul.allow_tf32)
+        add_model_floor(rows.values(), precision)
+        add_model_split(rows.values(), precision, device)
     return list(rows.values())
 
 
@@ -395,6 +398,26 @@ def add_model_floor(rows: Iterable[Row], precision: str) -> None:
     for row in rows:
         optimizer = "none" if row.variant == "gemm_floor" else "adam"
         row.model_floor_ms = roofline.step_floor_ms(row.P, row.Q, row.K, row.N, precision, optimizer)
+
+
+def add_model_split(rows: Iterable[Row], precision: str, device: torch.device) -> None:
+    """The Triton step's GEMM 2 row-split workspace as a percentage of h, beside the measured extra peak: a model
+    (``grad_update_gemm.workspace_bytes``: one fp32 copy of the weight per split, independent of the batch)."""
+    try:
+        from ff_kernels.ops.triton.common import sm_count
+        from ff_kernels.ops.triton.grad_update_gemm import workspace_bytes
+    except ImportError:  # no Triton: no Triton step either
+        return
+    for row in rows:
+        if row.variant == "triton":
+            h_bytes = (row.P + row.Q) * row.N * _h_element_bytes(precision)
+            workspace = workspace_bytes(precision, row.N, row.K, row.P + row.Q, sm_count(device))
+            row.model_split_pct_h = 100 * workspace / h_bytes
+
+
+def _h_element_bytes(precision: str) -> int:
+    """Bytes per element of h at a model precision."""
+    return 2 if precision in ("bf16", "fp16") else 4
 
 
 def name_timed(row: Row) -> bool:
@@ -489,12 +512,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """The printed table: one block per (shape, dtype); a non-ok status replaces the numbers."""
     header = (f"{'variant':<12}{'median ms':>11}{'IQR %':>8}{'TFLOP/s':>9}{'x eager':>9}{'x compile':>10}"
               f"{'/ floor':>9}{'x eager32':>10}{'peak MiB':>10}")
+    gpu_header = f"{'extra %h':>9}{'model floor (H100)':>20}{'split %h (model)':>18}"
     lines = []
     key = None
     for row in rows:
         if (row.shape, row.dtype) != key:
             key = (row.shape, row.dtype)
-            model = f"{'model floor (H100)':>20}" if row.device == "cuda" else ""
+            model = gpu_header if row.device == "cuda" else ""
             lines += ["", f"{row.device} {row.dtype} {row.shape.label()} (M={row.shape.rows})", header + model]
         if row.status != "ok":
             lines.append(f"{row.variant:<12}  {row.status[:100]}")
@@ -505,7 +529,8 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_fmt(row.vs_eager, 9, '.2f', 'x')}{_fmt(row.vs_compile, 10, '.2f', 'x')}"
             f"{_fmt(row.over_floor, 9, '.2f', 'x')}{_fmt(row.vs_eager_fp32, 10, '.2f', 'x')}"
             f"{_fmt(row.peak_mib, 10, '.1f')}"
-            + (_fmt(row.model_floor_ms, 20, '.3f', ' ms') if row.device == "cuda" else "")
+            + (_fmt(row.extra_pct_h, 9, '.1f') + _fmt(row.model_floor_ms, 20, '.3f', ' ms')
+               + _fmt(row.model_split_pct_h, 18, '.1f') if row.device == "cuda" else "")
         )
     return "\n".join(lines).lstrip("\n")
 
@@ -515,7 +540,9 @@ LEGEND = (
     "(>1 is faster); / floor: time over the two bare GEMMs (1.0 is the floor); x eager32: speed-up over the fp32 "
     "eager step of the same shape; IQR %: interquartile range over the median; peak MiB: CUDA peak above inputs; "
     "model floor (H100), GPU rows only: the roofline model's floor of that work on an H100 SXM (ff_kernels.roofline: "
-    "FLOPs and minimal bytes against its peaks), a model, not a measurement."
+    "FLOPs and minimal bytes against its peaks), a model, not a measurement. GPU rows also give extra %h, the "
+    "measured peak above inputs and outputs as a percentage of h (DESIGN 4: at most 5), and split %h (model), the "
+    "Triton step's GEMM 2 row-split workspace (one fp32 weight per split, at most 8) over h, a model."
 )
 
 

@@ -110,10 +110,16 @@ def occupancy(arch: str, registers: int, shared: int, warps: int) -> tuple[int, 
 # ---------------------------------------------------------------------------------------------------------------
 # What to inspect
 # ---------------------------------------------------------------------------------------------------------------
+# Conv layers (DESIGN 7) at CIFAR size, batch 128, 3x3 with padding 1: (B, C_in, C, H = W, kernel), the first layer
+# and a 64 -> 128 layer after one pooling.
+CONV_SHAPES = ((128, 3, 64, 32, 3), (128, 64, 128, 16, 3))
+
+
 @dataclass(frozen=True)
 class Selection:
     """The filters: kernel name substrings (empty: all), archs, precisions, optimizers, P = Q row counts, (K, N)
-    layers, positions in each launch's autotune candidates (empty: all) and sources (triton, cuda)."""
+    layers, positions in each launch's autotune candidates (empty: all), sources (triton, cuda) and the conv
+    layers (``CONV_SHAPES``' format; empty: none)."""
 
     kernels: tuple[str, ...] = ()
     archs: tuple[str, ...] = tuple(ARCHS)
@@ -123,6 +129,7 @@ class Selection:
     layers: tuple[tuple[int, int], ...] = DESIGN_KN
     configs: tuple[int, ...] = ()
     sources: tuple[str, ...] = ("triton", "cuda")
+    conv_layers: tuple[tuple[int, int, int, int, int], ...] = CONV_SHAPES
 
     def wants_kernel(self, name: str) -> bool:
         return not self.kernels or any(part in name for part in self.kernels)
@@ -133,7 +140,7 @@ class Selection:
 SUBSETS = {
     "ci": Selection(
         archs=("sm_90",), precisions=("bf16",), optimizers=("adam",), rows=(4096,), layers=((784, 500),),
-        configs=(0,), sources=("triton",),
+        configs=(0,), sources=("triton",), conv_layers=(),
     ),
 }
 
@@ -146,6 +153,38 @@ class StepSpec(NamedTuple):
     rows: int
     in_features: int
     out_features: int
+
+
+class HeadSpec(NamedTuple):
+    """One block-wise head (DESIGN 8) whose class-goodness forward and backward launches are captured: precision,
+    ``optimizer`` always "none" (the head hands its gradients to autograd), B rows, C channels, K classes, H x W."""
+
+    precision: str
+    optimizer: str
+    rows: int
+    in_features: int
+    out_features: int
+    height: int
+    width: int
+
+
+# ResNet-18 block outputs at CIFAR size, batch 128, into a 10-class head: the first and the last stage.
+HEAD_SHAPES = ((128, 64, 32, 32, 10), (128, 512, 4, 4, 10))
+
+
+class ConvSpec(NamedTuple):
+    """One conv layer (DESIGN 7) whose positive/negative step (P = Q = ``rows``) and class-goodness step (B =
+    ``rows``, 2 classes) are captured: precision, optimizer, rows, the GEMMs' K = C_in kh kw and N = C, then C_in,
+    the image size H = W and the kernel size (padding kernel // 2)."""
+
+    precision: str
+    optimizer: str
+    rows: int
+    in_features: int
+    out_features: int
+    in_channels: int
+    size: int
+    kernel: int
 
 
 class TritonJob(NamedTuple):
@@ -246,6 +285,10 @@ def _capture_step(spec: StepSpec) -> tuple[Launch, ...]:
     from ff_kernels._options import check_step_options
     from ff_kernels.ops.triton.ops import ff_linear_step_triton
 
+    if isinstance(spec, HeadSpec):
+        return _capture_head(spec)
+    if isinstance(spec, ConvSpec):
+        return _capture_conv(spec)
     dtype = PRECISION_DTYPES[spec.precision]
     x_pos = torch.empty(spec.rows, spec.in_features, dtype=dtype)
     x_neg = torch.empty(spec.rows, spec.in_features, dtype=dtype)
@@ -263,6 +306,60 @@ def _capture_step(spec: StepSpec) -> tuple[Launch, ...]:
     }[spec.optimizer]()
     with _tf32(spec.precision == "tf32"), _intercepted_launches() as launches:
         ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, optimizer=optimizer)
+    return tuple(launches)
+
+
+def _capture_head(spec: HeadSpec) -> tuple[Launch, ...]:
+    """The launches of one class-goodness head loss, forward and backward (all three gradients), and of its
+    prediction (goodness alone), through the custom ops' implementations, on uninitialised CPU tensors."""
+    from ff_kernels.ops.triton import class_goodness
+
+    dtype = PRECISION_DTYPES[spec.precision]
+    h = torch.empty(spec.rows, spec.in_features, spec.height, spec.width, dtype=dtype)
+    weight = torch.empty(spec.out_features, spec.in_features, dtype=dtype)
+    bias = torch.empty(spec.out_features, dtype=dtype)
+    labels = torch.zeros(spec.rows, dtype=torch.int64)
+    with _tf32(spec.precision == "tf32"), _intercepted_launches() as launches:
+        _, _, a, d = class_goodness._loss_forward(h, weight, bias, labels, 1.0)
+        class_goodness._loss_backward(torch.ones(()), h, weight, a, d, 1.0, [True, True, True])
+        class_goodness._goodness(h, weight, bias)
+    return tuple(launches)
+
+
+def _capture_conv(spec: ConvSpec) -> tuple[Launch, ...]:
+    """The launches of one conv layer's positive/negative step and class-goodness step with the public functions'
+    default options, through the entry points ``backend="triton"`` uses, on uninitialised CPU tensors."""
+    from ff_kernels import conv, optim
+    from ff_kernels._options import ConvGeometry, check_class_options, check_step_options
+    from ff_kernels.ops.triton.conv_ops import ff_conv2d_class_step_triton, ff_conv2d_step_triton
+
+    dtype = PRECISION_DTYPES[spec.precision]
+    images = (spec.rows, spec.in_channels, spec.size, spec.size)
+    x_pos, x_neg = torch.empty(images, dtype=dtype), torch.empty(images, dtype=dtype)
+    weight = torch.empty(spec.out_features, spec.in_channels, spec.kernel, spec.kernel, dtype=dtype)
+    bias = torch.empty(spec.out_features, dtype=dtype)
+    geometry = ConvGeometry((1, 1), (spec.kernel // 2,) * 2, (1, 1))
+    positions = math.prod(geometry.output_size((spec.size, spec.size), (spec.kernel, spec.kernel)))
+    step_defaults = signature(conv.ff_conv2d_step).parameters
+    opts = check_step_options(
+        **{name: step_defaults[name].default for name in ("threshold", "goodness", "loss", "normalize", "eps",
+                                                           "alpha")},
+        out_features=spec.out_features * positions,
+    )
+    class_defaults = signature(conv.ff_conv2d_class_step).parameters
+    class_opts = check_class_options(
+        **{name: class_defaults[name].default for name in ("goodness", "temperature", "normalize", "eps")},
+        num_classes=2, channels=spec.out_features, positions=positions,
+    )
+    optimizer = {
+        "none": lambda: None,
+        "sgd": lambda: optim.SGD([weight, bias], lr=1e-3, momentum=0.9),
+        "adam": lambda: optim.Adam([weight, bias], lr=1e-3),
+    }[spec.optimizer]()
+    labels = torch.zeros(spec.rows, dtype=torch.int64)
+    with _tf32(spec.precision == "tf32"), _intercepted_launches() as launches:
+        ff_conv2d_step_triton(x_pos, x_neg, weight, bias, opts, geometry, optimizer=optimizer)
+        ff_conv2d_class_step_triton(x_pos, labels, weight, bias, class_opts, geometry, optimizer=optimizer)
     return tuple(launches)
 
 
@@ -321,7 +418,18 @@ def _config_label(launch: Launch, config: Any, options: Any) -> str:
     else:
         values = {name: value for name, value in launch.kwargs.items() if name.startswith("BLOCK")}
     parts = [f"{_abbreviation(name)}{value}" for name, value in values.items()]
-    return " ".join([*parts, f"w{options.num_warps}", f"s{options.num_stages}"])
+    registers = [f"r{options.maxnreg}"] if getattr(options, "maxnreg", None) else []
+    return " ".join([*parts, f"w{options.num_warps}", f"s{options.num_stages}", *registers])
+
+
+def _planned_blocks(kernel: str, precision: str, config: Any) -> int | None:
+    """The resident blocks per SM that GEMM 2's row split plans its wave with (``resident_blocks``), which the
+    "planner" gate holds against the measured occupancy; None for the other kernels."""
+    if kernel != "ff_grad_update_kernel" or config is None:
+        return None
+    from ff_kernels.ops.triton.grad_update_gemm import resident_blocks
+
+    return resident_blocks(precision, config.kwargs)
 
 
 def _programs(launch: Launch, config: Any) -> int:
@@ -368,6 +476,7 @@ def _plan(specs: Sequence[StepSpec], selection: Selection) -> tuple[dict[str, di
                     "kernel": name, "P": spec.rows, "Q": spec.rows, "K": spec.in_features,
                     "N": spec.out_features, "config": label, "dtype": spec.precision,
                     "optimizer": spec.optimizer, "programs": _programs(launch, config), "binaries": keys,
+                    "planned_blocks_per_sm": _planned_blocks(name, spec.precision, config),
                 })
     return binaries, launches
 
@@ -587,9 +696,15 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def _step_specs(selection: Selection) -> list[StepSpec]:
+def _step_specs(selection: Selection) -> list[StepSpec | HeadSpec | ConvSpec]:
+    """The linear steps of the selection, the heads (which fuse no optimizer) when "none" is selected, and the conv
+    layers."""
+    heads = [HeadSpec(p, "none", b, c, k, height, width) for p, (b, c, height, width, k) in
+             product(selection.precisions, HEAD_SHAPES)] if "none" in selection.optimizers else []
+    convs = [ConvSpec(p, o, b, c_in * k * k, c, c_in, size, k) for p, o, (b, c_in, c, size, k) in
+             product(selection.precisions, selection.optimizers, selection.conv_layers)]
     return [StepSpec(p, o, r, k, n) for p, o, r, (k, n) in
-            product(selection.precisions, selection.optimizers, selection.rows, selection.layers)]
+            product(selection.precisions, selection.optimizers, selection.rows, selection.layers)] + heads + convs
 
 
 def _joined(values: Sequence[str], everything: Sequence[str]) -> str:
@@ -707,6 +822,7 @@ def _launch_records(launches: list[dict], by_key: dict[str, dict], selection: Se
             "P": launch["P"], "Q": launch["Q"], "K": launch["K"], "N": launch["N"], "config": launch["config"],
             "dtypes": [], "optimizers": [], "programs": launch["programs"], "sms": H100_SMS,
             "blocks_per_sm": blocks, "waves": round(launch["programs"] / (H100_SMS * blocks), 3) if blocks else None,
+            "planned_blocks_per_sm": launch.get("planned_blocks_per_sm"),
         })
         for name, value in (("dtypes", launch["dtype"]), ("optimizers", launch["optimizer"])):
             if value not in record[name]:
@@ -728,6 +844,7 @@ GATES = {
     "tensor cores": "bf16/fp16/tf32 GEMMs on tensor cores: wgmma on sm_90 (Triton), mma.sync on sm_80",
     "async copies": "cp.async or TMA in the 500-wide GEMM variants (K or N not a multiple of 16)",
     "waves": "at least one wave on 132 SMs for both GEMMs at every shape with P = Q >= 4096",
+    "planner": "GEMM 2's row split plans its wave with at least the resident blocks per SM measured on sm_90",
 }
 TENSOR_CORE_DTYPES = ("bf16", "fp16", "tf32")
 
@@ -772,6 +889,10 @@ def gate_failures(kernels: Iterable[dict], launches: Iterable[dict]) -> list[str
             failures.append(f"waves: {launch['kernel']} {launch['optimizer']} {launch['dtype']} {launch['config']} "
                             f"{launch['shape']}: {launch['programs']} programs, {launch['blocks_per_sm']} per SM, "
                             f"{launch['waves']} waves")
+        planned = launch.get("planned_blocks_per_sm")
+        if planned is not None and (launch["blocks_per_sm"] or 0) > planned:
+            failures.append(f"planner: {launch['kernel']} {launch['optimizer']} {launch['dtype']} {launch['config']} "
+                            f"{launch['shape']}: {launch['blocks_per_sm']} blocks per SM measured, {planned} planned")
     return failures
 
 

@@ -201,23 +201,50 @@ def test_both_gemms_fill_a_wave_at_design_shapes(rows_each, k, n, precision):
     candidates = grad_update_gemm.grad_candidates(precision, n, k, rows, sms, common.GPU_GRAD_CONFIGS)
     assert candidates
     for config in candidates:
-        tiles = grad_update_gemm.weight_tiles(n, k, config.kwargs)
-        splits = grad_update_gemm.split_count(tiles, rows, sms)
+        # a wave of GEMM 2 is the SMs times the config's resident blocks per SM, as inspect's gate counts it
+        blocks = grad_update_gemm.resident_blocks(precision, config.kwargs)
+        assert blocks == common.GRAD_RESIDENT_BLOCKS[precision][tuple(config.kwargs.values())]
+        splits = grad_update_gemm.grad_splits(precision, n, k, rows, sms, config.kwargs)
         (programs,) = grad_update_gemm.grad_grid(n, k, config.kwargs, splits)
-        assert programs >= sms, ("GEMM 2", config, tiles, splits)
+        assert programs >= sms * blocks, ("GEMM 2", config, blocks, splits)
         assert splits <= grad_update_gemm.MAX_SPLITS
+        # the fewest splits that fill it: one fewer would not
+        assert splits == 1 or (splits - 1) * grad_update_gemm.weight_tiles(n, k, config.kwargs) < sms * blocks
 
 
 def test_split_count_policy():
     sms = common.H100_SMS
     assert grad_update_gemm.split_count(sms, 10**6, sms) == 1  # a full wave of tiles: no split
-    assert grad_update_gemm.split_count(28, 8192, sms) == grad_update_gemm.MAX_SPLITS  # capped: 5 would fill it
-    assert grad_update_gemm.split_count(64, 8192, sms) == 3  # the fewest that fill a wave
+    assert grad_update_gemm.split_count(2 * sms, 10**6, sms, blocks=2) == 1  # two resident blocks per SM
+    assert grad_update_gemm.split_count(28, 8192, sms) == 5  # the fewest that fill a wave
+    assert grad_update_gemm.split_count(28, 8192, sms, blocks=2) == grad_update_gemm.MAX_SPLITS  # capped: 10 would
+    assert grad_update_gemm.split_count(64, 8192, sms) == 3
+    assert grad_update_gemm.split_count(64, 8192, sms, blocks=2) == 5  # 2 x 132 resident: 5 x 64 programs
     assert grad_update_gemm.split_count(64, 2048, sms) == 2  # MIN_SPLIT_ROWS at least per split
     assert grad_update_gemm.split_count(64, 2047, sms) == 1
     small = grad_update_gemm.grad_candidates("bf16", 500, 500, 1024, sms, common.GPU_GRAD_CONFIGS)
     most = max(grad_update_gemm.weight_tiles(500, 500, c.kwargs) for c in common.GPU_GRAD_CONFIGS["bf16"])
     assert all(grad_update_gemm.weight_tiles(500, 500, c.kwargs) == most for c in small)  # launch-bound: most tiles
+
+
+@pytest.mark.parametrize("precision", common.PRECISIONS)
+def test_workspace_is_the_fewest_splits_and_independent_of_the_batch(precision):
+    """The candidates of a split shape share the fewest splits that fill a wave, so the workspace (one fp32
+    weight per split) is the smallest any config allows; it does not grow with the batch."""
+    sms, table = common.H100_SMS, common.GPU_GRAD_CONFIGS
+    for k, n in DESIGN_KN:
+        sizes = set()
+        for rows in (8192, 50000):
+            candidates = grad_update_gemm.grad_candidates(precision, n, k, rows, sms, table)
+            fewest = {grad_update_gemm.grad_splits(precision, n, k, rows, sms, c.kwargs) for c in candidates}
+            assert len(fewest) == 1
+            for config in table[precision]:
+                splits = grad_update_gemm.grad_splits(precision, n, k, rows, sms, config.kwargs)
+                tiles = grad_update_gemm.weight_tiles(n, k, config.kwargs)
+                if tiles * splits >= sms * grad_update_gemm.resident_blocks(precision, config.kwargs):
+                    assert splits >= min(fewest)
+            sizes.add(4 * min(fewest) * (n * k + n) if min(fewest) > 1 else 0)
+        assert len(sizes) == 1
 
 
 def test_forced_split_must_be_positive():

@@ -40,23 +40,45 @@ H100_SMS = 132
 PRECISIONS = ("bf16", "fp16", "tf32", "ieee")
 
 
-def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+def _configs(blocks: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, maxnreg])."""
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in blocks
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+            num_warps=warps,
+            num_stages=stages,
+            maxnreg=next(iter(reg), None),
+        )
+        for m, n, k, warps, stages, *reg in blocks
     ]
 
 
 _FORWARD_16 = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)])
 _FORWARD_TF32 = _configs([(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)])
 _FORWARD_IEEE = _configs([(128, 128, 8, 8, 3), (128, 64, 8, 4, 3), (64, 64, 16, 4, 3), (32, 64, 8, 4, 3)])
-# GEMM 2: BLOCK_N x BLOCK_K is the weight tile (the dot's M x N), BLOCK_M the rows reduced per step.
-_GRAD_16 = _configs([(64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)])
+# GEMM 2: BLOCK_N x BLOCK_K is the weight tile (the dot's M x N), BLOCK_M the rows reduced per step. maxnreg=255
+# lifts ptxas's own register target where it spilled: 168 for the 16-bit 64 x 64 tile on sm_80 at 500 x 500 (8-24 B;
+# sm_80 runs the 2 blocks its shared memory allows anyway). Exact fp32: 128 x 64 tiles (128 x 128 spilled 4 B at 255
+# registers on 500-wide layers); 16 x 64 x 64 with 2 stages and maxnreg=255 (targets of 128 and 96 spilled 8 B).
+_GRAD_16 = _configs([(64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4, 255)])
 _GRAD_TF32 = _configs([(32, 128, 128, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (32, 64, 64, 4, 4)])
-_GRAD_IEEE = _configs([(8, 128, 128, 8, 3), (16, 64, 64, 4, 3), (8, 64, 64, 4, 3), (8, 32, 64, 4, 3)])
+_GRAD_IEEE = _configs([(8, 128, 64, 8, 3, 255), (16, 64, 64, 4, 2, 255), (8, 64, 64, 4, 3), (8, 32, 64, 4, 3)])
 GPU_FORWARD_CONFIGS = {"bf16": _FORWARD_16, "fp16": _FORWARD_16, "tf32": _FORWARD_TF32, "ieee": _FORWARD_IEEE}
 GPU_GRAD_CONFIGS = {"bf16": _GRAD_16, "fp16": _GRAD_16, "tf32": _GRAD_TF32, "ieee": _GRAD_IEEE}
+# GEMM 2's resident blocks per SM on an H100, per precision and (BLOCK_M, BLOCK_N, BLOCK_K): the most that
+# ``ff-kernels inspect`` measures for the config's sm_90 binaries (any optimizer, layer and row count; registers and
+# shared memory by the occupancy rules). A wave is H100_SMS times this, the row split plans for one, and inspect's
+# wave gate divides by the measured value, so a figure here at least as large keeps the two in agreement
+# (tests/test_inspect.py checks it against the committed report). The 16-bit 64 x 64 tile takes its shared-memory
+# bound, 3: ptxas gives it 164-206 registers by optimizer and shape, so 2 or 3 blocks; TF32's 4-stage tiles are
+# shared-bound (2 and 3) too; the rest are register-bound.
+_BLOCKS_16 = {(64, 128, 128): 1, (32, 128, 64): 3, (32, 64, 128): 3, (64, 64, 64): 3}
+GRAD_RESIDENT_BLOCKS = {
+    "bf16": _BLOCKS_16,
+    "fp16": _BLOCKS_16,
+    "tf32": {(32, 128, 128): 1, (32, 128, 64): 2, (32, 64, 128): 2, (32, 64, 64): 3},
+    "ieee": {(8, 128, 64): 1, (16, 64, 64): 2, (8, 64, 64): 5, (8, 32, 64): 7},
+}
 
 if INTERPRETED:
     _ONE = _configs([(32, 32, 32, 4, 1)])

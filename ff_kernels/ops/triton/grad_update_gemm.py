@@ -9,21 +9,23 @@ It walks the tile in column blocks of at most 2048 elements, so that Adam's para
 stay in registers next to the accumulator.
 
 Row split. A layer of 784 x 500 has 28 weight tiles of 128 x 128: a fraction of an H100's 132 SMs, each looping
-over every row. When the tiles fill less than a wave, the rows are split into S contiguous ranges (S from the
-tiles, the rows and the SM count, at most ``MAX_SPLITS``) and program (split, tile) reduces one range into an fp32
-workspace slab. The program that arrives last at a tile (an atomic counter per tile, which it resets) sums the S
-slabs in split order and applies the epilogue once: the result does not depend on which program came last, so two
-runs agree bit for bit, and the optimizer sees each element exactly once. The workspace (S fp32 copies of the
-weight) and the zeroed counters are allocated per launch; configs that cannot fill a wave within ``MAX_SPLITS``
-splits are pruned for the shape (``grad_candidates``), and batches under 2 ``MIN_SPLIT_ROWS`` rows, launch-bound,
-do not split. The autotuner's hooks undo each benchmarked config's in-place update. N and K carry alignment hints
-as in GEMM 1 (``forward_gemm``).
+over every row. A wave is the programs the GPU holds at once: the SM count times the config's resident blocks per
+SM (``resident_blocks``, the sm_90 occupancy that ``ff-kernels inspect`` measures, which its wave gate uses too).
+When the tiles fill less than a wave, the rows are split into S contiguous ranges (the fewest that fill one, at
+most ``MAX_SPLITS``) and program (split, tile) reduces one range into an fp32 workspace slab. The program that
+arrives last at a tile (an atomic counter per tile, which it resets) sums the S slabs in split order and applies
+the epilogue once: the result does not depend on which program came last, so two runs agree bit for bit, and the
+optimizer sees each element exactly once. The workspace (S fp32 copies of the weight, whatever the batch) and the
+zeroed counters are allocated per launch; only the configs that fill a wave with the fewest splits, hence the
+smallest workspace, are tuned for the shape (``grad_candidates``), and batches under 2 ``MIN_SPLIT_ROWS`` rows,
+launch-bound, do not split. The autotuner's hooks undo each benchmarked config's in-place update. N and K carry
+alignment hints as in GEMM 1 (``forward_gemm``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -31,8 +33,10 @@ import triton
 import triton.language as tl
 
 from ff_kernels.ops.triton.common import (
+    GPU_GRAD_CONFIGS,
     GRAD_CONFIGS,
     GRAD_CONFIGS_BY_PRECISION,
+    GRAD_RESIDENT_BLOCKS,
     INTERPRETED,
     NORMALIZE_CODE,
     OPT_NONE,
@@ -49,8 +53,9 @@ from ff_kernels.ops.triton.common import (
 # quarter of the h and x traffic of its rows (128 x 128 tiles in bf16). Smaller batches are launch-bound and do not
 # split (no workspace, no counter memset).
 MIN_SPLIT_ROWS = 1024
-# At most this many fp32 copies of the weight as workspace, and as many partial tiles summed by the last program.
-MAX_SPLITS = 4
+# At most this many fp32 copies of the weight as workspace, and as many partial tiles summed by the last program:
+# enough for a wave of DESIGN 4's 500 x 500 layer (64 tiles of 64 x 64 at 3 blocks per SM: 7 splits, 16-bit, TF32).
+MAX_SPLITS = 8
 # The epilogue's column blocks hold at most this many elements (16 per thread at 4 warps).
 EPILOGUE_ELEMENTS = tl.constexpr(2048)
 
@@ -98,13 +103,23 @@ def weight_tiles(n: int, k: int, meta: Mapping[str, Any]) -> int:
     return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"])
 
 
-def split_count(tiles: int, rows: int, sms: int) -> int:
-    """Row splits of GEMM 2: none once the weight tiles fill a wave of the SMs; otherwise the fewest that do (more
-    only lengthen the last program's sum and the workspace), at most ``MAX_SPLITS`` and ``MIN_SPLIT_ROWS`` rows
-    each."""
-    if tiles >= sms:
+BlocksTable = Mapping[str, Mapping[tuple[int, int, int], int]]
+
+
+def resident_blocks(precision: str, meta: Mapping[str, Any], blocks: BlocksTable = GRAD_RESIDENT_BLOCKS) -> int:
+    """Resident blocks per SM of a config (``common.GRAD_RESIDENT_BLOCKS``, by precision and block shape); one for
+    a config outside the table (the interpreter's, another kernel's)."""
+    return blocks.get(precision, {}).get((meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]), 1)
+
+
+def split_count(tiles: int, rows: int, sms: int, blocks: int = 1) -> int:
+    """Row splits of GEMM 2: none once the weight tiles fill a wave (``sms`` x ``blocks`` resident per SM);
+    otherwise the fewest that do (more only lengthen the last program's sum and grow the workspace), at most
+    ``MAX_SPLITS`` and ``MIN_SPLIT_ROWS`` rows each."""
+    wave = sms * blocks
+    if tiles >= wave:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), MAX_SPLITS, rows // MIN_SPLIT_ROWS))
+    return max(1, min(triton.cdiv(wave, tiles), MAX_SPLITS, rows // MIN_SPLIT_ROWS))
 
 
 def grad_candidates(
@@ -114,16 +129,28 @@ def grad_candidates(
     rows: int,
     sms: int,
     table: Mapping[str, list[triton.Config]] = GRAD_CONFIGS_BY_PRECISION,
+    blocks: BlocksTable | None = None,
 ) -> list[triton.Config]:
-    """The precision's configs that fill a wave of ``sms`` SMs with at most ``split_count`` splits, or, where none
-    can (a small layer at a small batch: launch-bound), those with the most weight tiles."""
+    """The precision's configs that fill a wave with the fewest splits (the smallest workspace), or, where none can
+    (a small layer at a small batch: launch-bound), those with the most weight tiles. ``blocks`` (resident blocks
+    per SM) defaults to ``GRAD_RESIDENT_BLOCKS`` for GEMM 2's own tables and to one block for another's."""
+    if blocks is None:
+        blocks = GRAD_RESIDENT_BLOCKS if any(table is t for t in (GRAD_CONFIGS_BY_PRECISION, GPU_GRAD_CONFIGS)) else {}
     configs = table[precision]
     tiles = {id(c): weight_tiles(n, k, c.kwargs) for c in configs}
-    full = [c for c in configs if tiles[id(c)] * split_count(tiles[id(c)], rows, sms) >= sms]
+    per_sm = {id(c): resident_blocks(precision, c.kwargs, blocks) for c in configs}
+    splits = {id(c): split_count(tiles[id(c)], rows, sms, per_sm[id(c)]) for c in configs}
+    full = [c for c in configs if tiles[id(c)] * splits[id(c)] >= sms * per_sm[id(c)]]
     if full:
-        return full
+        fewest = min(splits[id(c)] for c in full)
+        return [c for c in full if splits[id(c)] == fewest]
     most = max(tiles.values())
     return [c for c in configs if tiles[id(c)] == most]
+
+
+def grad_splits(precision: str, n: int, k: int, rows: int, sms: int, meta: Mapping[str, Any]) -> int:
+    """``split_count`` of one GEMM 2 config at one shape, as the launcher's grid applies it."""
+    return split_count(weight_tiles(n, k, meta), rows, sms, resident_blocks(precision, meta))
 
 
 @functools.lru_cache(maxsize=256)
@@ -131,8 +158,15 @@ def split_workspace(precision: str, n: int, k: int, rows: int, sms: int, splits:
     """What a launch's workspace must hold for every candidate config: (most splits, most weight tiles); ``splits``
     forces the split of every config."""
     candidates = grad_candidates(precision, n, k, rows, sms)
-    most_splits = max(splits or split_count(weight_tiles(n, k, c.kwargs), rows, sms) for c in candidates)
+    most_splits = max(splits or grad_splits(precision, n, k, rows, sms, c.kwargs) for c in candidates)
     return most_splits, max(weight_tiles(n, k, c.kwargs) for c in candidates)
+
+
+def workspace_bytes(precision: str, n: int, k: int, rows: int, sms: int, bias: bool = True) -> int:
+    """The split's extra memory at one shape, a model: fp32 partial weights and biases, one per split, and an int32
+    counter per tile; 0 without a split. It does not grow with the batch."""
+    splits, tiles = split_workspace(precision, n, k, rows, sms, None)
+    return 0 if splits <= 1 else 4 * (splits * (n * k + (n if bias else 0)) + tiles)
 
 
 def prune_grad_configs(
@@ -606,6 +640,129 @@ class Update(NamedTuple):
     bc2_sqrt_b: float = 1.0
 
 
+class GradLaunch(NamedTuple):
+    """What one GEMM 2 launch needs beside its tensors and optimizer scalars, computed once per shape, dtype,
+    device and options (the Triton step caches it): the grid, the size arguments (P, Q, P+Q, N, K, the
+    autotuner's row bucket), the split workspace (fp32 elements of the weight and bias slabs, int32 tile counters;
+    all 0 without a split) and the constexprs that do not depend on the optimizer's hyperparameters."""
+
+    grid: Callable[[Mapping[str, Any]], tuple[int]]
+    sizes: tuple[int, int, int, int, int, int]
+    workspace: tuple[int, int, int]
+    constexprs: dict[str, Any]
+
+
+def grad_launch(
+    rows_pos: int,
+    rows_neg: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    normalize: str,
+    has_bias: bool,
+    kind: int,
+    splits: int | None = None,
+    flags: tuple[bool, bool, bool] = (False, False, False),
+) -> GradLaunch:
+    """GEMM 2's launch plan; ``splits`` forces the row split of every config (tests), by default ``split_count``
+    chooses it per config. ``flags`` are the update's constexprs (momentum, Nesterov, decoupled weight decay:
+    :func:`update_flags`), so that a launch passes the plan's constexprs as they are."""
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    rows = rows_pos + rows_neg
+    bucket, precision = tuning_args(rows, dtype)
+    sms = sm_count(device)
+    family = precision_name(dtype, precision)
+    most_splits, most_tiles = split_workspace(family, n, k, rows, sms, splits)
+    split = most_splits > 1
+    workspace = (most_splits * n * k, most_splits * n if has_bias else 0, most_tiles) if split else (0, 0, 0)
+
+    def grid(meta: Mapping[str, Any]) -> tuple[int]:
+        return grad_grid(n, k, meta, splits or grad_splits(family, n, k, rows, sms, meta))
+
+    constexprs = {
+        "NORMALIZE": NORMALIZE_CODE[normalize],
+        "HAS_BIAS": has_bias,
+        "OPT": kind,
+        "SPLIT": split,
+        "INPUT_PRECISION": precision,
+        "INTERPRET": INTERPRETED,
+        "ALIGN_N": alignment(n),
+        "ALIGN_K": alignment(k),
+        "MOMENTUM": flags[0],
+        "NESTEROV": flags[1],
+        "DECOUPLED": flags[2],
+    }
+    return GradLaunch(grid, (rows_pos, rows_neg, rows, n, k, bucket), workspace, constexprs)
+
+
+def update_flags(update: Update) -> tuple[bool, bool, bool]:
+    """The update's constexprs: momentum, Nesterov, decoupled weight decay (a :class:`GradLaunch` holds them)."""
+    return update.momentum != 0.0, update.nesterov, update.decoupled
+
+
+def run_grad_update(
+    launch: GradLaunch,
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    r: torch.Tensor | None,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    coef_scale: float,
+    update: Update,
+    ws: torch.Tensor | None = None,
+    wsb: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> None:
+    """GEMM 2 into buffers the caller checked and sized: the gradients without an update, the split workspace
+    ``launch.workspace`` asks for (``counts`` zeroed) with a split; ``launch`` was planned for ``update``'s
+    flags."""
+    rows_pos, rows_neg = launch.sizes[0], launch.sizes[1]
+    xp = x_pos if rows_pos else x_neg
+    xn = x_neg if rows_neg else x_pos
+    apply = update.kind != OPT_NONE
+    ff_grad_update_kernel[launch.grid](
+        xp,
+        xn,
+        h,
+        c,
+        r,
+        w if apply else None,
+        b if apply else None,
+        grad_w,
+        grad_b,
+        update.s1w,
+        update.s2w,
+        update.s1b,
+        update.s2b,
+        ws,
+        wsb,
+        counts,
+        *launch.sizes,
+        coef_scale,
+        1.0 / coef_scale,
+        update.lr,
+        update.weight_decay,
+        update.momentum,
+        update.dampening,
+        int(update.first_w),
+        int(update.first_b),
+        update.beta1,
+        update.beta2,
+        update.eps,
+        update.step_size_w,
+        update.bc2_sqrt_w,
+        update.step_size_b,
+        update.bc2_sqrt_b,
+        **launch.constexprs,
+    )
+
+
 def launch_grad_update(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -622,78 +779,20 @@ def launch_grad_update(
     """GEMM 2: returns (grad_weight, grad_bias) without an update; with one, updates w, b and the state in place
     (the state was checked by the custom op, which knows its names). ``splits`` forces the row split of every
     config (tests); by default ``split_count`` chooses it per config."""
-    rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
-    rows = rows_pos + rows_neg
     n, k = w.shape
+    launch = grad_launch(
+        x_pos.shape[0], x_neg.shape[0], n, k, x_pos.dtype, w.device, normalize, b is not None, update.kind, splits,
+        update_flags(update),
+    )
     grad_w = grad_b = None
     if update.kind == OPT_NONE:
         grad_w = torch.empty_like(w)
         grad_b = None if b is None else torch.empty_like(b)
-    xp = x_pos if rows_pos else x_neg
-    xn = x_neg if rows_neg else x_pos
-    bucket, precision = tuning_args(rows, x_pos.dtype)
-    if splits is not None and splits < 1:
-        raise ValueError(f"splits must be at least 1, got {splits}")
-    sms = sm_count(w.device)
-    most_splits, most_tiles = split_workspace(precision_name(x_pos.dtype, precision), n, k, rows, sms, splits)
     ws = wsb = counts = None
-    if most_splits > 1:
-        ws = torch.empty((most_splits, n, k), dtype=torch.float32, device=w.device)
-        wsb = None if b is None else torch.empty((most_splits, n), dtype=torch.float32, device=w.device)
-        counts = torch.zeros(most_tiles, dtype=torch.int32, device=w.device)
-
-    def grid(meta: dict) -> tuple[int]:
-        tiles = weight_tiles(n, k, meta)
-        return grad_grid(n, k, meta, splits or split_count(tiles, rows, sms))
-
-    ff_grad_update_kernel[grid](
-        xp,
-        xn,
-        h,
-        c,
-        r,
-        None if update.kind == OPT_NONE else w,
-        None if update.kind == OPT_NONE else b,
-        grad_w,
-        grad_b,
-        update.s1w,
-        update.s2w,
-        update.s1b,
-        update.s2b,
-        ws,
-        wsb,
-        counts,
-        rows_pos,
-        rows_neg,
-        rows,
-        n,
-        k,
-        bucket,
-        coef_scale,
-        1.0 / coef_scale,
-        update.lr,
-        update.weight_decay,
-        update.momentum,
-        update.dampening,
-        int(update.first_w),
-        int(update.first_b),
-        update.beta1,
-        update.beta2,
-        update.eps,
-        update.step_size_w,
-        update.bc2_sqrt_w,
-        update.step_size_b,
-        update.bc2_sqrt_b,
-        NORMALIZE=NORMALIZE_CODE[normalize],
-        HAS_BIAS=b is not None,
-        OPT=update.kind,
-        MOMENTUM=update.momentum != 0.0,
-        NESTEROV=update.nesterov,
-        DECOUPLED=update.decoupled,
-        SPLIT=ws is not None,
-        INPUT_PRECISION=precision,
-        INTERPRET=INTERPRETED,
-        ALIGN_N=alignment(n),
-        ALIGN_K=alignment(k),
-    )
+    size_w, size_b, tiles = launch.workspace
+    if tiles:
+        ws = torch.empty(size_w, dtype=torch.float32, device=w.device)
+        wsb = torch.empty(size_b, dtype=torch.float32, device=w.device) if size_b else None
+        counts = torch.zeros(tiles, dtype=torch.int32, device=w.device)
+    run_grad_update(launch, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, coef_scale, update, ws, wsb, counts)
     return grad_w, grad_b
