@@ -70,7 +70,41 @@ def _run_path(path, x_pos, x_neg, w, b):
         ops.ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optim.Adam([w, b], lr=1e-2))
 
 
-@pytest.mark.parametrize("path,kernels", [("step", 3), ("sgd", 3), ("adam", 3), ("forward", 2)])
+def _probe_launches(monkeypatch, current, launches):
+    for module, name in (
+        (forward_gemm, "ff_forward_kernel"),
+        (row_loss, "ff_row_kernel"),
+        (grad_update_gemm, "ff_grad_update_kernel"),
+    ):
+        monkeypatch.setattr(module, name, _LaunchProbe(getattr(module, name), name, current, launches))
+
+
+@pytest.mark.parametrize("path", ["step", "sgd", "adam"])
+def test_every_step_launch_runs_on_the_weight_device(path, monkeypatch):
+    """The step enters the weight's device (``torch.cuda._exchange_device``, ``device_of``'s own call) around all
+    three launches and restores the previous one; the guard is forced on, as for CUDA tensors."""
+    current, launches, restored = [], [], []
+
+    def exchange(index):
+        current.append(index)
+        return -7  # the previously current device, handed back on exit
+
+    def restore(previous):
+        restored.append(previous)
+        current.pop()
+
+    monkeypatch.setattr(ops, "_guards_device", lambda w: True)
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", restore)
+    _probe_launches(monkeypatch, current, launches)
+    x_pos, x_neg, w, b = _inputs()
+    _run_path(path, x_pos, x_neg, w, b)
+    assert [name for name, _ in launches] == ["ff_forward_kernel", "ff_row_kernel", "ff_grad_update_kernel"]
+    assert all(index == w.get_device() for _, index in launches), launches
+    assert restored == [-7] and current == []
+
+
+@pytest.mark.parametrize("path,kernels", [("forward", 2)])
 def test_every_launch_runs_on_the_weight_device(path, kernels, monkeypatch):
     current, launches = [], []
     real_device_of = torch.cuda.device_of
@@ -88,12 +122,7 @@ def test_every_launch_runs_on_the_weight_device(path, kernels, monkeypatch):
             return self.inner.__exit__(*exc)
 
     monkeypatch.setattr(torch.cuda, "device_of", RecordingDeviceOf)
-    for module, name in (
-        (forward_gemm, "ff_forward_kernel"),
-        (row_loss, "ff_row_kernel"),
-        (grad_update_gemm, "ff_grad_update_kernel"),
-    ):
-        monkeypatch.setattr(module, name, _LaunchProbe(getattr(module, name), name, current, launches))
+    _probe_launches(monkeypatch, current, launches)
     x_pos, x_neg, w, b = _inputs()
     _run_path(path, x_pos, x_neg, w, b)
     assert len(launches) == kernels, launches

@@ -167,6 +167,12 @@ def step_plan(
     return plan
 
 
+def _guards_device(w: torch.Tensor) -> bool:
+    """Whether a step enters the weight's device: on CUDA tensors (Triton launches on the current device, not the
+    tensors'); elsewhere (the interpreter) ``torch.cuda.device_of`` is a no-op whose objects only cost host time."""
+    return w.is_cuda
+
+
 def _run_step(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -180,7 +186,7 @@ def _run_step(
     """The three launches of one step on checked inputs, on the weight's device: ((loss, g, h, grad_weight,
     grad_bias), the plan)."""
     plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
-    if not w.is_cuda:  # torch.cuda.device_of(w) is a no-op there (the interpreter), and its objects cost host time
+    if not _guards_device(w):
         return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update), plan
     previous = torch.cuda._exchange_device(w.get_device())  # torch.cuda.device_of(w)'s work, without its objects
     try:
