@@ -34,6 +34,7 @@ from ff_kernels.ops.triton.common import (
     OPT_NONE,
     PRECISIONS,
     TUNING_KEY,
+    _configs,
     by_precision,
     cast,
     precision_name,
@@ -50,20 +51,6 @@ from ff_kernels.ops.triton.grad_update_gemm import (
     _sum_splits,
     weight_tiles,
 )
-
-
-def _configs(blocks: list[tuple[int, ...]]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, maxnreg])."""
-    return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
-            num_warps=warps,
-            num_stages=stages,
-            maxnreg=next(iter(reg), None),
-        )
-        for m, n, k, warps, stages, *reg in blocks
-    ]
-
 
 # GEMM 1: BLOCK_M output positions x BLOCK_N channels, BLOCK_K of the C_in kh kw reduction per step (32: a 3-channel
 # 3x3 layer has 27). GEMM 2: BLOCK_N x BLOCK_K is the weight tile (the dot's M x N, M >= 64 for wgmma), BLOCK_M the

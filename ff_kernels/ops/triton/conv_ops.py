@@ -25,8 +25,9 @@ from ff_kernels.ops.triton.conv_gemm import (
     launch_conv_scale,
 )
 from ff_kernels.ops.triton.grad_update_gemm import Update
+from ff_kernels.ops.triton.ops import optimizer_update
 from ff_kernels.ops.triton.row_loss import launch_goodness, launch_row_step
-from ff_kernels.optim import SGD, Adam, FusedOptimizer
+from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFClassStepOutput, FFStepOutput
 
 # The packed optimizer arguments of the update ops, in this order.
@@ -295,27 +296,13 @@ def _(x, labels, w, b, stride, padding, dilation, num_classes, kappa, temperatur
 # The functions ff_kernels.conv calls (inputs already checked there).
 # ---------------------------------------------------------------------------------------------------------------
 def _update_args(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
-    """(opt, s1w, s2w, s1b, s2b, hyper, flags) of the update ops for ``optimizer``; advances Adam's step count."""
-    hyper = dict.fromkeys(_HYPER, 0.0)
-    hyper.update(lr=float(optimizer.lr), weight_decay=float(optimizer.weight_decay), bc2_sqrt_w=1.0, bc2_sqrt_b=1.0)
-    flags = dict.fromkeys(_FLAGS, False)
-    if isinstance(optimizer, SGD):
-        (s1w, s1b), (flags["first_w"], flags["first_b"]) = optimizer.fused_state(w, b)
-        state = (s1w, None, s1b, None)
-        hyper.update(momentum=float(optimizer.momentum), dampening=float(optimizer.dampening))
-        flags["nesterov"] = bool(optimizer.nesterov)
-        opt = OPT_SGD
-    elif isinstance(optimizer, Adam):
-        moments, corrections = optimizer.fused_state(w, b)
-        state = tuple(moments)
-        beta1, beta2 = optimizer.betas
-        hyper.update(beta1=float(beta1), beta2=float(beta2), eps=float(optimizer.eps))
-        hyper.update(zip(("step_size_w", "bc2_sqrt_w", "step_size_b", "bc2_sqrt_b"), map(float, corrections)))
-        flags["decoupled"] = bool(optimizer.decoupled_weight_decay)
-        opt = OPT_ADAM
-    else:
-        raise TypeError(f"the Triton backend has no fused update for {type(optimizer).__name__}")
-    return (opt, *state, [hyper[name] for name in _HYPER], [flags[name] for name in _FLAGS])
+    """(opt, s1w, s2w, s1b, s2b, hyper, flags) of the update ops for ``optimizer``: the linear step's update record
+    (:func:`~ff_kernels.ops.triton.ops.optimizer_update`, which advances Adam's step count), packed."""
+    update = optimizer_update(optimizer, w, b)
+    return (
+        update.kind, update.s1w, update.s2w, update.s1b, update.s2b,
+        [float(getattr(update, name)) for name in _HYPER], [bool(getattr(update, name)) for name in _FLAGS],
+    )
 
 
 def _geometry_lists(geometry: ConvGeometry) -> tuple[list[int], list[int], list[int]]:

@@ -528,7 +528,7 @@ def ff_linear_step_triton_checked(
     calls the custom ops; eagerly, the implementation, with the plan cached and the optimizer state checked here."""
     if torch.compiler.is_compiling():
         return _traced_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
-    update = _NO_UPDATE if optimizer is None else _eager_update(optimizer, w, b)
+    update = _NO_UPDATE if optimizer is None else optimizer_update(optimizer, w, b)
     (loss, g, h, grad_w, grad_b), plan = _run_step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
     if optimizer is not None:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
         torch._C._increment_version((w,) if b is None else (w, b))  # torch.autograd.graph.increment_version's work
@@ -537,7 +537,7 @@ def ff_linear_step_triton_checked(
     return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, grad_b)
 
 
-def _eager_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> Update:
+def optimizer_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> Update:
     """The kernel's update record from the optimizer's state (advanced by one step) and hyperparameters; the state
     is checked as the custom ops check it, with the same names."""
     if isinstance(optimizer, Adam):
