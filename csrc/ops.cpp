@@ -23,7 +23,8 @@
 //                  exp_avg_b, exp_avg_sq_b)]. With an optimizer w, b and state are updated in place and the
 //                  gradients come back empty.
 //   cpu_forward -> (h, g)
-//   cpu_kernels -> the CPU capability the fused passes run with here (ATen's: "AVX512", "AVX2" or "DEFAULT")
+//   cpu_kernels -> the CPU capability the fused passes run with here (ATen's: "AVX512", "AVX2" or "DEFAULT";
+//                  "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)
 #include <Python.h>
 #include <torch/library.h>
 

@@ -10,8 +10,9 @@
 //   update       one pass over a parameter: 2^s, then the SGD/Adam/AdamW step (or the gradient's store).
 //
 // Each pass is one at::parallel_for over rows (or parameter chunks) of at::vec::Vectorized code. The passes are
-// compiled once per CPU capability (kernels_{default,avx2,avx512}.cpp) and kernels() returns the variant ATen itself
-// uses on this machine (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 or default selects the others too).
+// compiled once per CPU capability (kernels_{default,avx2,avx512,avx512_bf16}.cpp) and kernels() returns the variant
+// ATen itself uses on this machine (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 or default selects the
+// others too), AVX512 becoming AVX512_BF16 where the CPU has AVX512-BF16.
 // Plain types only: step_cpu.cpp owns the tensors.
 #pragma once
 
@@ -103,6 +104,7 @@ struct Kernels {
 const Kernels* kernels_default();
 const Kernels* kernels_avx2();
 const Kernels* kernels_avx512();
+const Kernels* kernels_avx512_bf16();  // also nullptr where this CPU lacks AVX512-BF16
 
 // The table for ATen's CPU capability on this machine, chosen once.
 const Kernels& kernels();

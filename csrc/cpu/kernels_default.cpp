@@ -13,6 +13,7 @@ const Kernels* kernels_default() { return &DEFAULT::table; }
 const Kernels& kernels() {
   static const Kernels* const chosen = [] {
     const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512" && kernels_avx512_bf16() != nullptr) return kernels_avx512_bf16();
     if (capability == "AVX512" && kernels_avx512() != nullptr) return kernels_avx512();
     if ((capability == "AVX512" || capability == "AVX2") && kernels_avx2() != nullptr) return kernels_avx2();
     return kernels_default();

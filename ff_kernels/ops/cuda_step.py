@@ -336,7 +336,7 @@ def _cpu_step(
 
 def cpu_kernels() -> str:
     """The CPU capability the fused CPU passes run with on this machine ("AVX512", "AVX2" or "DEFAULT": ATen's,
-    which ``ATEN_CPU_CAPABILITY`` overrides)."""
+    which ``ATEN_CPU_CAPABILITY`` overrides; "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)."""
     _require(torch.device("cpu"))
     return torch.ops.ff_kernels_ext.cpu_kernels()
 
