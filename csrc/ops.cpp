@@ -8,8 +8,8 @@
 //   step_sgd_  -> (loss, g, h)                            updates w, b and the momentum buffers in place
 //   step_adam_ -> (loss, g, h)                            updates w, b, exp_avg and exp_avg_sq in place
 //   plan_grad  -> [cfg, tile_n, tile_k, tiles, split, programs, split_workspace_bytes]
-//                 the CUDA GEMM 2 launch plan (cuda/plan.h) for M rows, W (N, K), `sms` SMs and dtype 0 = fp32,
-//                 1 = fp16, 2 = bf16: host code, so that it is tested without a GPU
+//                 the CUDA GEMM 2 launch plan (cuda/plan.h) for M rows, W (N, K), `sms` SMs, dtype 0 = fp32,
+//                 1 = fp16, 2 = bf16, and `resident` cfg-1 blocks per SM: host code, tested without a GPU
 // g and h are stacked over the P positive then Q negative rows.
 //
 // CPU only (cpu/step_cpu.cpp): what backend="cuda" runs for CPU tensors, the fused CPU step. One call holds the
@@ -43,12 +43,13 @@ bool with_cuda() { return FF_KERNELS_WITH_CUDA != 0; }
 
 std::string cpu_kernels() { return ffk::cpu::kernels().capability; }
 
-std::vector<int64_t> plan_grad_op(int64_t M, int64_t N, int64_t K, int64_t sms, int64_t dtype) {
-  TORCH_CHECK(M >= 0 && N >= 0 && K >= 0 && sms >= 1 && sms <= (1 << 16),
-              "plan_grad: M, N, K >= 0 and 1 <= sms <= 65536");
+std::vector<int64_t> plan_grad_op(int64_t M, int64_t N, int64_t K, int64_t sms, int64_t dtype, int64_t resident) {
+  TORCH_CHECK(M >= 0 && N >= 0 && K >= 0 && sms >= 1 && sms <= (1 << 16) && resident >= 1 && resident <= 64,
+              "plan_grad: M, N, K >= 0, 1 <= sms <= 65536 and 1 <= resident <= 64");
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "plan_grad: dtype is 0 (fp32), 1 (fp16) or 2 (bf16); got ", dtype);
   namespace planner = ffk::planner;
-  const planner::GradPlan g = planner::plan_grad(M, N, K, static_cast<int>(sms), static_cast<ffk::DType>(dtype));
+  const planner::GradPlan g = planner::plan_grad(M, N, K, static_cast<int>(sms), static_cast<ffk::DType>(dtype),
+                                                     static_cast<int>(resident));
   const planner::SplitWorkspace ws = planner::split_workspace(N, K, g.cfg, g.split);
   return {g.cfg, planner::kTiles[g.cfg].m, planner::kTiles[g.cfg].n, g.tiles, g.split, g.programs(),
           static_cast<int64_t>(ws.weight_bytes + ws.bias_bytes + ws.ticket_bytes)};
@@ -62,7 +63,7 @@ std::vector<int64_t> plan_grad_op(int64_t M, int64_t N, int64_t K, int64_t sms, 
 TORCH_LIBRARY(ff_kernels_ext, m) {
   m.set_python_module("ff_kernels.ops.cuda_step");
   m.def("with_cuda() -> bool", &with_cuda);
-  m.def("plan_grad(int M, int N, int K, int sms, int dtype) -> int[]", &plan_grad_op);
+  m.def("plan_grad(int M, int N, int K, int sms, int dtype, int resident=1) -> int[]", &plan_grad_op);
   m.def("forward(Tensor x, Tensor w, Tensor? b, float kappa, str normalize, float eps, bool allow_tf32) "
         "-> (Tensor, Tensor)");
   m.def("step(Tensor x_pos, Tensor x_neg, Tensor w, Tensor? b, " FFK_STEP_ARGS

@@ -300,9 +300,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DESIGN_LAYERS = [(784, 500), (500, 500), (2000, 2000), (4096, 4096)]  # DESIGN 4's (K, N)
 
 
-def plan_grad(rows, k, n, sms=H100_SMS, dtype=torch.bfloat16):
+def plan_grad(rows, k, n, sms=H100_SMS, dtype=torch.bfloat16, resident=1):
     cfg, tile_n, tile_k, tiles, split, programs, workspace = torch.ops.ff_kernels_ext.plan_grad(
-        rows, n, k, sms, DTYPE_CODES[dtype]
+        rows, n, k, sms, DTYPE_CODES[dtype], resident
     )
     return dict(cfg=cfg, tile_n=tile_n, tile_k=tile_k, tiles=tiles, split=split, programs=programs,
                 workspace=workspace)
@@ -317,17 +317,20 @@ def split_workspace_bytes(plan, k, n):
 
 
 @needs_ext
+@pytest.mark.parametrize("resident", [1, 3])
 @pytest.mark.parametrize("sms", [H100_SMS, 108])
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
 @pytest.mark.parametrize("rows_each", [4096, 25000])
 @pytest.mark.parametrize("k,n", DESIGN_LAYERS)
-def test_grad_plan_fills_a_wave(k, n, rows_each, dtype, sms):
-    """DESIGN 10: GEMM 2 has at least one full wave at every DESIGN 4 shape with P = Q >= 4096."""
-    plan = plan_grad(2 * rows_each, k, n, sms, dtype)
+def test_grad_plan_fills_a_wave(k, n, rows_each, dtype, sms, resident):
+    """DESIGN 10: GEMM 2 has at least one full wave at every DESIGN 4 shape with P = Q >= 4096, a wave being every
+    SM holding as many 64 x 64 blocks as the device reports it can (`resident`; 128 x 128 tiles count SMs)."""
+    plan = plan_grad(2 * rows_each, k, n, sms, dtype, resident)
+    wave = sms * (resident if plan["cfg"] == 1 else 1)
     assert plan["tiles"] == -(-n // plan["tile_n"]) * -(-k // plan["tile_k"])
-    assert plan["programs"] == plan["tiles"] * plan["split"] >= sms, plan
+    assert plan["programs"] == plan["tiles"] * plan["split"] >= wave, plan
     if plan["split"] > 1:
-        assert plan["tiles"] < sms and plan["programs"] <= 2 * sms, plan
+        assert plan["tiles"] < wave and plan["programs"] <= 2 * wave, plan
     assert plan["workspace"] == split_workspace_bytes(plan, k, n)
 
 
@@ -342,6 +345,8 @@ def test_grad_plan_at_the_design_shapes():
         plan = plan_grad(rows, k, n)
         assert plan["cfg"] == 0 and plan["split"] == 1 and plan["workspace"] == 0, plan
     assert plan_grad(rows, 2000, 2000)["programs"] == 256
+    # Two 64 x 64 blocks per SM: a wave is 264 blocks, so 104 tiles split 5 ways (520 programs, under two waves).
+    assert plan_grad(rows, 784, 500, resident=2)["split"] == 5
 
 
 @needs_ext

@@ -395,6 +395,8 @@ int launch_forward(const ForwardParams& p, DType dtype, bool allow_tf32, int cfg
                    cudaStream_t stream);
 int launch_grad(const GradParams& p, DType dtype, bool allow_tf32, int cfg, int split, int device,
                 cudaStream_t stream);
+// The blocks of GEMM 2's kernel for (dtype, allow_tf32, cfg) resident on one SM of `device` (1 if the query fails).
+int grad_blocks_per_sm(DType dtype, bool allow_tf32, int cfg, int device);
 
 }  // namespace detail
 }  // namespace ffk

@@ -239,21 +239,28 @@ __global__ void __launch_bounds__(C::THREADS, grad_min_blocks<T, C>()) ff_grad_u
 #endif  // FFK_ARCH_SUPPORTED
 }
 
+// One GEMM 2 instantiation: its kernel and its dynamic shared memory (STAGES raw stages and the operand buffer, or
+// the fp32 epilogue tile that reuses them).
 template <class T, int CFG, bool SIMT>
-int launch(const GradParams& p, int split, int device, cudaStream_t stream) {
+struct GradKernel {
   using C = Cfg<CFG, T>;
   using Mma = std::conditional_t<SIMT, SimtMma<C>, WmmaMma<T, C>>;
-  // STAGES raw stages and the operand buffer, or the fp32 epilogue tile that reuses them.
-  constexpr size_t kPipe = sizeof(T) * (C::STAGES + 1) * C::TR * (C::TM + C::TN + 2 * C::PAD);
-  constexpr size_t kEpilogue = sizeof(float) * C::TM * C::LDC;
-  constexpr size_t kSmem = kPipe > kEpilogue ? kPipe : kEpilogue;
+  static constexpr size_t kPipe = sizeof(T) * (C::STAGES + 1) * C::TR * (C::TM + C::TN + 2 * C::PAD);
+  static constexpr size_t kEpilogue = sizeof(float) * C::TM * C::LDC;
+  static constexpr size_t kSmem = kPipe > kEpilogue ? kPipe : kEpilogue;
+  static constexpr auto kernel = ff_grad_update_kernel<T, C, Mma>;
+};
+
+template <class T, int CFG, bool SIMT>
+int launch(const GradParams& p, int split, int device, cudaStream_t stream) {
+  using G = GradKernel<T, CFG, SIMT>;
+  using C = typename G::C;
   const int64_t tiles = (p.N + C::TM - 1) / C::TM * ((p.K + C::TN - 1) / C::TN);
   if (tiles == 0) return cudaSuccess;
   if (tiles > INT_MAX || split < 1 || split > 65535) return cudaErrorInvalidConfiguration;
-  constexpr auto kernel = ff_grad_update_kernel<T, C, Mma>;
-  const cudaError_t err = allow_smem<kernel>(kSmem, device);
+  const cudaError_t err = allow_smem<G::kernel>(G::kSmem, device);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)), C::THREADS, kSmem, stream>>>(p);
+  G::kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split)), C::THREADS, G::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -265,11 +272,29 @@ struct GradLauncher {
   }
 };
 
+// Writes the blocks of an instantiation that one SM holds at once (registers, shared memory, threads).
+struct GradOccupancy {
+  int* blocks;
+  template <class T, int CFG, bool SIMT>
+  int run(const GradParams&, int device, cudaStream_t) const {
+    using G = GradKernel<T, CFG, SIMT>;
+    const cudaError_t err = allow_smem<G::kernel>(G::kSmem, device);
+    if (err != cudaSuccess) return err;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, G::kernel, G::C::THREADS, G::kSmem);
+  }
+};
+
 }  // namespace
 
 int launch_grad(const GradParams& p, DType dtype, bool allow_tf32, int cfg, int split, int device,
                 cudaStream_t stream) {
   return dispatch(GradLauncher{split}, p, dtype, allow_tf32, cfg, device, stream);
+}
+
+int grad_blocks_per_sm(DType dtype, bool allow_tf32, int cfg, int device) {
+  int blocks = 0;
+  const int err = dispatch(GradOccupancy{&blocks}, GradParams{}, dtype, allow_tf32, cfg, device, nullptr);
+  return err == cudaSuccess && blocks > 0 ? blocks : 1;
 }
 
 }  // namespace detail

@@ -40,10 +40,12 @@ inline int choose_cfg(int64_t rows, int64_t cols, int sms) {
 
 // GEMM 2 (grad_W = A^T B over M rows, W is N x K): grid (tiles, split). Split s of a tile reduces row chunks
 // [s * chunks / split, (s + 1) * chunks / split) into an fp32 partial tile; the tile's last block to finish adds the
-// partials in split order and applies the optimizer once. It splits only when the tiles alone fill less than one
-// wave, by floor(2 sms / tiles) (the largest split within two waves; kMaxSplit and kMinSplitChunks may cap it): the
-// grid then has more than one wave and at most two, and the partials take at most two waves of 64 x 64 fp32 tiles
-// (4.3 MB at 132 SMs; cfg 0 never splits, since it is chosen only when its tiles fill a wave).
+// partials in split order and applies the optimizer once. A wave is sms x `resident` blocks, `resident` being the
+// blocks of the cfg-1 kernel one SM holds at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor on the device; 1
+// counts SMs only). It splits only when the tiles alone fill less than one wave, by floor(2 wave / tiles) (the largest
+// split within two waves; kMaxSplit and kMinSplitChunks may cap it): the grid then has more than one wave and at most
+// two, and the partials take at most two waves of 64 x 64 fp32 tiles (cfg 0 never splits, since it is chosen only
+// when its tiles fill every SM).
 struct GradPlan {
   int cfg = 0;
   int64_t tiles = 0;   // ceil(N / TM) * ceil(K / TN): gridDim.x
@@ -67,14 +69,14 @@ inline SplitWorkspace split_workspace(int64_t N, int64_t K, int cfg, int split) 
           bytes(sizeof(unsigned), tiles)};
 }
 
-inline GradPlan plan_grad(int64_t M, int64_t N, int64_t K, int sms, DType dtype) {
+inline GradPlan plan_grad(int64_t M, int64_t N, int64_t K, int sms, DType dtype, int resident = 1) {
   GradPlan g;
   g.cfg = choose_cfg(N, K, sms);
   g.tiles = cdiv(N, kTiles[g.cfg].m) * cdiv(K, kTiles[g.cfg].n);
   g.chunks = cdiv(M, chunk_rows(dtype));
-  if (g.tiles == 0 || g.tiles >= sms) return g;  // a full wave already: a split would only add traffic
-  const int64_t split = std::min({2 * static_cast<int64_t>(sms) / g.tiles,
-                                  g.chunks / kMinSplitChunks, static_cast<int64_t>(kMaxSplit)});
+  const int64_t wave = static_cast<int64_t>(sms) * (g.cfg == 1 ? std::max(resident, 1) : 1);
+  if (g.tiles == 0 || g.tiles >= wave) return g;  // a full wave already: a split would only add traffic
+  const int64_t split = std::min({2 * wave / g.tiles, g.chunks / kMinSplitChunks, static_cast<int64_t>(kMaxSplit)});
   g.split = static_cast<int>(std::max<int64_t>(split, 1));
   return g;
 }
@@ -123,14 +125,15 @@ inline Workspace workspace_layout(const StepArgs& a, const Plan& plan) {
   return w;
 }
 
-inline Plan make_plan(const StepArgs& a, int sms) {
+// `grad_resident`: plan_grad's `resident`, the cfg-1 GEMM 2 kernel's blocks per SM.
+inline Plan make_plan(const StepArgs& a, int sms, int grad_resident = 1) {
   const int element = element_size(a.dtype);
   const int64_t M = a.P + (a.step ? a.Q : 0);
   Plan plan;
   plan.forward_cfg = choose_cfg(M, a.N, sms);
   plan.vec_forward = copy_width(element, {a.K}, {a.x_pos, a.step ? a.x_neg : nullptr, a.w});
   if (a.step) {
-    const GradPlan grad = plan_grad(M, a.N, a.K, sms, a.dtype);
+    const GradPlan grad = plan_grad(M, a.N, a.K, sms, a.dtype, grad_resident);
     plan.grad_cfg = grad.cfg;
     plan.grad_split = grad.split;
   }

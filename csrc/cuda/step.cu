@@ -3,6 +3,7 @@
 // The planning (tile configurations, copy width, GEMM 2's split, workspace layout) is plan.h's, given the device's
 // SM count.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common.cuh"
@@ -113,13 +114,26 @@ int num_sms(int device) {
   return sms;
 }
 
+// Blocks of the cfg-1 GEMM 2 kernel per SM, queried once per (device < 64, math mode) and kept (0: not yet asked).
+int grad_resident(const StepArgs& a, int device) {
+  static std::atomic<int> known[64][4] = {};
+  const int mode = math_mode(a.dtype, a.allow_tf32);
+  if (device < 0 || device >= 64) return grad_blocks_per_sm(a.dtype, a.allow_tf32, 1, device);
+  int blocks = known[device][mode].load(std::memory_order_relaxed);
+  if (blocks == 0) {
+    blocks = grad_blocks_per_sm(a.dtype, a.allow_tf32, 1, device);
+    known[device][mode].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
 }  // namespace
 }  // namespace detail
 
 Plan plan_step(const StepArgs& a) {
   int device = 0;
   cudaGetDevice(&device);
-  return planner::make_plan(a, detail::num_sms(device));
+  return planner::make_plan(a, detail::num_sms(device), a.step ? detail::grad_resident(a, device) : 1);
 }
 
 int launch_step(const StepArgs& a, const Plan& plan, void* workspace, void* stream_ptr) {
