@@ -58,6 +58,12 @@ def _interpret_setting() -> object:
 
 F = TypeVar("F", bound=Callable)
 
+# The grad-mode and compile-state functions ``without_grad`` calls at every step, bound once: each ``torch.`` path is
+# a chain of module attribute lookups (torch.compile recognises the functions themselves, however they are named).
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
+
 
 def without_grad(fn: F) -> F:
     """``torch.no_grad()`` as a decorator, at a fraction of its eager cost (DESIGN 4's host target: the context
@@ -67,15 +73,15 @@ def without_grad(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if not _grad_enabled():
+            return (traced if _is_compiling() else fn)(*args, **kwargs)
+        if _is_compiling():
             return traced(*args, **kwargs)
-        if not torch.is_grad_enabled():
-            return fn(*args, **kwargs)
-        torch._C._set_grad_enabled(False)
+        _set_grad_enabled(False)
         try:
             return fn(*args, **kwargs)
         finally:
-            torch._C._set_grad_enabled(True)
+            _set_grad_enabled(True)
 
     return wrapper  # type: ignore[return-value]
 
@@ -220,7 +226,7 @@ def ff_linear_step(
         FFStepOutput; ``grad_weight``/``grad_bias`` are None when an optimizer applied the update.
     """
     opt_checks.check_weight_bias(weight, bias)
-    compute = opt_checks.check_compute_dtype(compute_dtype, weight)
+    compute = weight.dtype if compute_dtype is None else opt_checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_step", backend, compute, weight)
     scan = check_finite and route.finite == FINITE_SCAN
     x_pos, x_neg = opt_checks.check_inputs(x_pos, x_neg, weight, scan, compute)

@@ -199,24 +199,35 @@ class Adam(FusedOptimizer):
         """For kernels that fuse this update: advances the step count of (weight, bias) and returns their moments
         [exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b] (None for a missing bias) and bias corrections
         [step_size_w, bc2_sqrt_w, step_size_b, bc2_sqrt_b]."""
-        # Called at every fused step: both parameters are looked up before either's state changes, and a state
-        # that exists is read without the helpers (this is a noticeable part of a small step's host time).
-        state_w = self.check_holds("weight", weight)
-        state_b = None if bias is None else self.check_holds("bias", bias)
-        moments: list[torch.Tensor | None] = [None, None, None, None]
-        corrections = [0.0, 1.0, 0.0, 1.0]
-        for i, s, p in ((0, state_w, weight), (2, state_b, bias)):
-            if s is None:
-                continue
-            exp_avg, exp_avg_sq = s.get("exp_avg"), s.get("exp_avg_sq")
-            if exp_avg is None:
-                exp_avg = state_buffer(s, "exp_avg", p)[0]
-            if exp_avg_sq is None:
-                exp_avg_sq = state_buffer(s, "exp_avg_sq", p)[0]
-            step = s["step"] = s.get("step", 0) + 1
-            moments[i], moments[i + 1] = exp_avg, exp_avg_sq
-            corrections[i], corrections[i + 1] = self.bias_corrections(step)
-        return moments, corrections
+        # Called at every fused step, where its host time is a noticeable part of a small step's: both parameters
+        # are looked up before either's state changes (``check_holds`` runs only to raise), a state that exists is
+        # read without the helpers, and equal step counts share one computation of the bias corrections.
+        index = self._index
+        i_w = index.get(id(weight))
+        i_b = None if bias is None else index.get(id(bias))
+        if i_w is None or (i_b is None and bias is not None):
+            self.check_holds("weight", weight)
+            self.check_holds("bias", bias)
+        state_w = self.state[i_w]
+        exp_avg_w, exp_avg_sq_w = state_w.get("exp_avg"), state_w.get("exp_avg_sq")
+        if exp_avg_w is None or exp_avg_sq_w is None:
+            exp_avg_w, exp_avg_sq_w = self._moments(state_w, weight)
+        step_w = state_w["step"] = state_w.get("step", 0) + 1
+        corrections_w = self.bias_corrections(step_w)
+        if bias is None:
+            return [exp_avg_w, exp_avg_sq_w, None, None], [*corrections_w, 0.0, 1.0]
+        state_b = self.state[i_b]
+        exp_avg_b, exp_avg_sq_b = state_b.get("exp_avg"), state_b.get("exp_avg_sq")
+        if exp_avg_b is None or exp_avg_sq_b is None:
+            exp_avg_b, exp_avg_sq_b = self._moments(state_b, bias)
+        step_b = state_b["step"] = state_b.get("step", 0) + 1
+        corrections_b = corrections_w if step_b == step_w else self.bias_corrections(step_b)
+        return [exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b], [*corrections_w, *corrections_b]
+
+    @staticmethod
+    def _moments(state: dict[str, Any], param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``state``'s exp_avg and exp_avg_sq, created as zeros where absent."""
+        return state_buffer(state, "exp_avg", param)[0], state_buffer(state, "exp_avg_sq", param)[0]
 
     def bias_corrections(self, step: int) -> tuple[float, float]:
         """lr / (1 - beta1^t) and sqrt(1 - beta2^t), computed on the host as torch.optim does."""

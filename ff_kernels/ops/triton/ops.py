@@ -72,7 +72,9 @@ class StepPlan(NamedTuple):
     device and options: the three launch plans, the outputs' shapes, the workspace layout and the coefficient
     scale. ``pieces`` are the workspace's fp32 pieces in the order c, partial sums, r, partial losses, GEMM 2's
     weight and bias slabs, tile counters, each padded to ``_PIECE_ALIGN`` elements and cut after the last one
-    used."""
+    used. ``fp32`` and ``h_like`` are empty tensors on the device, fp32 and h's dtype, which the step's buffers are
+    allocated from (``new_empty`` takes their dtype and device, where ``torch.empty`` would parse them at every
+    step)."""
 
     forward: ForwardLaunch
     row: RowLaunch
@@ -87,6 +89,8 @@ class StepPlan(NamedTuple):
     one_program: bool
     split: bool
     coef_scale: float
+    fp32: torch.Tensor
+    h_like: torch.Tensor
 
 
 _plans: dict[tuple, StepPlan] = {}
@@ -135,8 +139,8 @@ def _build_plan(
     pieces = tuple(_padded(size) for size in sizes)
     return StepPlan(
         forward, row, grad, (rows, n), (n, 1), rows, (rows_pos, rows_neg), pieces, sum(pieces), has_r, one_program,
-        tiles > 0,
-        coefficient_scale(opts, rows_pos, rows_neg),
+        tiles > 0, coefficient_scale(opts, rows_pos, rows_neg), torch.empty(0, dtype=torch.float32, device=device),
+        torch.empty(0, dtype=dtype, device=device),
     )
 
 
@@ -174,6 +178,7 @@ def _guards_device(w: torch.Tensor) -> bool:
 
 
 def _run_step(
+    plan: StepPlan,
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
     w: torch.Tensor,
@@ -182,15 +187,12 @@ def _run_step(
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
     update: Update,
-) -> tuple[StepResult, StepPlan]:
-    """The three launches of one step on checked inputs, on the weight's device: ((loss, g, h, grad_weight,
-    grad_bias), the plan)."""
-    plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
-    if not _guards_device(w):
-        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update), plan
+) -> StepResult:
+    """:func:`_launch_step` with the weight's device current. Callers pick one of the two by :func:`_guards_device`,
+    so a step that needs no guard makes one call fewer."""
     previous = torch.cuda._exchange_device(w.get_device())  # torch.cuda.device_of(w)'s work, without its objects
     try:
-        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update), plan
+        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
     finally:
         torch.cuda._maybe_exchange_device(previous)
 
@@ -206,31 +208,35 @@ def _launch_step(
     opts: StepOptions,
     update: Update,
 ) -> StepResult:
-    """:func:`_run_step`'s allocations and launches, with the weight's device current."""
-    device = w.device
+    """The allocations and three launches of one step on checked inputs ``plan`` was made for: (loss, g, h,
+    grad_weight, grad_bias)."""
+    (forward, row, grad, h_shape, h_stride, rows_total, _, pieces, size, has_r, one_program, split, coef_scale, fp32,
+     h_like) = plan
     grad_w = grad_b = None
     if update.kind == OPT_NONE:
         grad_w = torch.empty_like(w)
         grad_b = None if b is None else torch.empty_like(b)
-    # empty_strided and integer sizes: torch.empty parses a shape tuple at about a third of a step's budget
-    h = torch.empty_strided(plan.h_shape, plan.h_stride, dtype=x_pos.dtype, device=device)
-    g = torch.empty(plan.rows_total, dtype=torch.float32, device=device)
-    parts = torch.empty(plan.workspace, dtype=torch.float32, device=device).split_with_sizes(plan.pieces)
+    # Host cost: sizes as integers or planned tuples (torch.empty parses a shape tuple at about a third of a step's
+    # budget), and the ``new_*`` allocations take dtype and device from the plan's empty tensors (parsing
+    # ``dtype=``, ``device=`` costs a fifth of a tiny matrix product each time). The scratch is cut with
+    # ``unsafe_split_with_sizes``: its pieces never leave this function, so they need no autograd view records.
+    parts = fp32.new_empty(size).unsafe_split_with_sizes(pieces)
+    h = h_like.new_empty_strided(h_shape, h_stride)
+    g = fp32.new_empty(rows_total)
     c, partials = parts[0], parts[1]
-    r = parts[2] if plan.has_r else None
-    if plan.one_program:
-        loss = loss_parts = torch.empty_strided((), (), dtype=torch.float32, device=device)
+    r = parts[2] if has_r else None
+    if one_program:
+        loss = loss_parts = fp32.new_empty_strided((), ())
     else:
         loss_parts = parts[3]
     ws = wsb = counts = None
-    if plan.split:
+    if split:
         ws, counts = parts[4], parts[6].view(torch.int32).zero_()
         wsb = parts[5] if b is not None else None
-    tiles_n = run_forward(plan.forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
-    run_row_step(plan.row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
-    run_grad_update(plan.grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, plan.coef_scale, update, ws, wsb,
-                    counts)
-    if not plan.one_program:
+    tiles_n = run_forward(forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
+    run_row_step(row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
+    run_grad_update(grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, coef_scale, update, ws, wsb, counts)
+    if not one_program:
         loss = loss_parts.sum()
     return loss, g, h, grad_w, grad_b
 
@@ -247,7 +253,9 @@ def _step(
 ) -> StepResult:
     """A custom op's step: its inputs checked (the op is a boundary of its own), then the launches."""
     _check_inputs(x_pos, x_neg, w, b, opts)
-    return _run_step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)[0]
+    plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
+    launch = _run_step if _guards_device(w) else _launch_step
+    return launch(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,11 +537,14 @@ def ff_linear_step_triton_checked(
     if torch.compiler.is_compiling():
         return _traced_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
     update = _NO_UPDATE if optimizer is None else optimizer_update(optimizer, w, b)
-    (loss, g, h, grad_w, grad_b), plan = _run_step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
+    launch = _run_step if _guards_device(w) else _launch_step
+    loss, g, h, grad_w, grad_b = launch(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
     if optimizer is not None:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
         torch._C._increment_version((w,) if b is None else (w, b))  # torch.autograd.graph.increment_version's work
-    g_pos, g_neg = g.split_with_sizes(plan.rows)
-    h_pos, h_neg = h.split_with_sizes(plan.rows)
+    rows = plan.rows
+    g_pos, g_neg = g.split_with_sizes(rows)
+    h_pos, h_neg = h.split_with_sizes(rows)
     return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, grad_b)
 
 
@@ -547,11 +558,13 @@ def optimizer_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor
             check_state(w, b, exp_avg_w=exp_avg_w, exp_avg_sq_w=exp_avg_sq_w, exp_avg_b=exp_avg_b,
                         exp_avg_sq_b=exp_avg_sq_b)
         beta1, beta2 = optimizer.betas
-        return Update(
+        # _make takes the fields as one tuple: binding twenty arguments to the generated constructor's parameters
+        # costs about twice as much, at every step
+        return Update._make((
             OPT_ADAM, exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b, float(optimizer.lr),
             float(optimizer.weight_decay), 0.0, 0.0, False, False, False, float(beta1), float(beta2),
             float(optimizer.eps), bool(optimizer.decoupled_weight_decay), *corrections,
-        )
+        ))
     if isinstance(optimizer, SGD):
         (buf_w, buf_b), (first_w, first_b) = optimizer.fused_state(w, b)
         if not _state_fits(w, b, buf_w, None, buf_b, None):
