@@ -162,10 +162,10 @@ struct Operand {
   Tensor scales;  // (P + Q,) r_i in the accumulate type when they are folded into the passes, else undefined
 };
 
-// Below this many elements of x (4 MiB of fp32, which stays in cache), copying it costs less than the two GEMM calls
-// more that folding takes (one GEMM over P + Q rows runs faster than two over P and Q); above it, the copy costs more.
-// Measured on the 784-wide layer at P = Q = 100..4000 (2 threads, AVX512): the two break even near 1.2M elements.
-constexpr int64_t kFoldMin = int64_t{1} << 20;
+// Below this many elements of x, copying it costs less than the two GEMM calls more that folding takes. (With x hot
+// in cache, one GEMM over P + Q rows beats two up to about 1M elements; in `bench`, where other work runs between
+// steps, folding wins from P = Q = 512 at K = 784 on: the copy's traffic costs more than the second call.)
+constexpr int64_t kFoldMin = 32768;
 
 
 // Pass 1. Where x is in the compute dtype and that is fp32 or fp64, the GEMMs take x itself and r_i goes into the
