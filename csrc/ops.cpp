@@ -23,6 +23,8 @@
 //                  exp_avg_b, exp_avg_sq_b)]. With an optimizer w, b and state are updated in place and the
 //                  gradients come back empty.
 //   cpu_forward -> (h, g)
+//   cpu_group_goodness -> (B, groups): kappa times the sum of h^2 over each channel group and position of h, (B, C)
+//                  rows or (B, C, H, W) channels-last images, in fp32 (fp64 for fp64): the conv steps' goodness
 //   cpu_kernels -> the CPU capability the fused passes run with here (ATen's: "AVX512", "AVX2" or "DEFAULT";
 //                  "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)
 #include <Python.h>
@@ -81,6 +83,7 @@ TORCH_LIBRARY(ff_kernels_ext, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_forward(Tensor x, Tensor w, Tensor? b, float kappa, str normalize, float eps, ScalarType compute_dtype, "
         "bool check_finite) -> (Tensor, Tensor)");
+  m.def("cpu_group_goodness(Tensor h, int groups, float kappa) -> Tensor");
   m.def("cpu_kernels() -> str", &cpu_kernels);
 }
 

@@ -77,6 +77,15 @@ TABLE: dict[tuple[str, str], Implementation] = {
         "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True
     ),
     ("conv2d_forward", "triton"): Implementation("ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton"),
+    # CPU tensors only: the torch closed form with the extension's fused goodness pass (ops/cpu_conv.py).
+    ("linear_class_step", "cuda"): Implementation(
+        "ff_kernels.ops.cpu_conv:ff_linear_class_step_cpu", compute_dtype=True
+    ),
+    ("conv2d_step", "cuda"): Implementation("ff_kernels.ops.cpu_conv:ff_conv2d_step_cpu", compute_dtype=True),
+    ("conv2d_class_step", "cuda"): Implementation(
+        "ff_kernels.ops.cpu_conv:ff_conv2d_class_step_cpu", compute_dtype=True
+    ),
+    ("conv2d_forward", "cuda"): Implementation("ff_kernels.ops.cpu_conv:ff_conv2d_forward_cpu", compute_dtype=True),
     ("class_goodness_loss", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_loss_ref"),
     ("class_goodness_loss", "torch"): Implementation("ff_kernels.ops.torch_heads:class_goodness_loss_torch"),
     ("class_goodness", "reference"): Implementation("ff_kernels.reference_heads:class_goodness_ref"),

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import ff_kernels as ffk
-from ff_kernels import dispatch
 from ff_kernels._options import (
     GOODNESS,
     LOSSES,
@@ -21,6 +20,7 @@ from ff_kernels._options import (
     check_conv_geometry,
     check_step_options,
 )
+from ff_kernels.ops import cuda_step
 from ff_kernels.reference import ff_loss_ref
 from ff_kernels.reference_conv import (
     class_goodness_ref,
@@ -32,6 +32,11 @@ from ff_kernels.reference_conv import (
     linear_relu_ref,
     sample_goodness_ref,
 )
+
+EXT_REASON = cuda_step.extension_unavailable_reason()
+# The closed-form backends on CPU tensors: torch, and the extension's (torch's closed form with the fused goodness).
+FAST = ["torch", pytest.param("cuda", marks=pytest.mark.skipif(EXT_REASON is not None,
+                                                              reason=f"extension unavailable: {EXT_REASON}"))]
 
 EPS32 = torch.finfo(torch.float32).eps
 STEP_FIELDS = ("loss", "goodness_pos", "goodness_neg", "h_pos", "h_neg", "grad_weight", "grad_bias")
@@ -231,15 +236,16 @@ def assert_close_fp32(actual, expected, fields, mags: dict[str, float], *, rtol:
 # torch backend == reference, every option combination
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("combo", STEP_COMBOS, ids=step_id)
-def test_conv_step_torch_matches_reference(combo, geometry) -> None:
+def test_conv_step_torch_matches_reference(combo, geometry, backend) -> None:
     normalize, goodness, loss, offsets, bias = combo
     p, q = (9, 9) if loss == "symba" else (9, 6)
     args, kwargs = conv_case(p, q, 5, geometry, normalize=normalize, goodness=goodness, loss=loss, offsets=offsets,
                              bias=bias)
     ref = ffk.ff_conv2d_step(*args, **kwargs, backend="reference")
-    fast = ffk.ff_conv2d_step(*args, **kwargs, backend="torch")
+    fast = ffk.ff_conv2d_step(*args, **kwargs, backend=backend)
     out_h, out_w = check_conv_geometry(*geometry).output_size((HEIGHT, WIDTH), KERNEL)
     for out in (ref, fast):
         assert out.loss.shape == () and out.loss.dtype == torch.float32
@@ -258,14 +264,15 @@ def test_conv_step_torch_matches_reference(combo, geometry) -> None:
     assert_close_fp32(fast, ref, STEP_FIELDS, mags)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("combo", CLASS_COMBOS, ids=class_id)
-def test_conv_class_step_torch_matches_reference(combo, geometry) -> None:
+def test_conv_class_step_torch_matches_reference(combo, geometry, backend) -> None:
     normalize, goodness, bias, tau = combo
     args, kwargs = conv_class_case(11, 3, 2, geometry, normalize=normalize, goodness=goodness, bias=bias,
                                    temperature=tau)
     ref = ffk.ff_conv2d_class_step(*args, **kwargs, backend="reference")
-    fast = ffk.ff_conv2d_class_step(*args, **kwargs, backend="torch")
+    fast = ffk.ff_conv2d_class_step(*args, **kwargs, backend=backend)
     out_h, out_w = check_conv_geometry(*geometry).output_size((HEIGHT, WIDTH), KERNEL)
     for out in (ref, fast):
         assert out.loss.shape == () and out.loss.dtype == torch.float32
@@ -279,15 +286,16 @@ def test_conv_class_step_torch_matches_reference(combo, geometry) -> None:
     assert_close_fp32(fast, ref, CLASS_FIELDS, mags)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("features", [(13, 4), (5, 6)], ids=["N<K", "N>K"])
 @pytest.mark.parametrize("combo", CLASS_COMBOS, ids=class_id)
-def test_linear_class_step_torch_matches_reference(combo, features) -> None:
+def test_linear_class_step_torch_matches_reference(combo, features, backend) -> None:
     normalize, goodness, bias, tau = combo
     in_features, group = features
     args, kwargs = linear_class_case(17, in_features, 3, group, normalize=normalize, goodness=goodness, bias=bias,
                                      temperature=tau)
     ref = ffk.ff_linear_class_step(*args, **kwargs, backend="reference")
-    fast = ffk.ff_linear_class_step(*args, **kwargs, backend="torch")
+    fast = ffk.ff_linear_class_step(*args, **kwargs, backend=backend)
     for out in (ref, fast):
         assert out.goodness.shape == (17, 3) and out.goodness.dtype == torch.float32 and out.h.shape == (17, 3 * group)
         assert out.grad_weight.shape == (3 * group, in_features) and (out.grad_bias is None) == (not bias)
@@ -450,7 +458,7 @@ def _assert_matches_hand(out, expected, fields) -> None:
         ("l2", "sum", "symba", False, GEOMETRIES[3]),
     ],
 )
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_conv_step_against_hand_written_formulas(normalize, goodness, loss, offsets, geometry, backend) -> None:
     args, kwargs = conv_case(5, 5 if loss == "symba" else 3, 4, geometry, normalize=normalize, goodness=goodness,
                              loss=loss, offsets=offsets, dtype=torch.float64, seed=3)
@@ -461,7 +469,7 @@ def test_conv_step_against_hand_written_formulas(normalize, goodness, loss, offs
 
 @pytest.mark.parametrize("normalize,goodness,geometry", [("none", "mean", GEOMETRIES[3]), ("rms", "sum", GEOMETRIES[1]),
                                                           ("l2", "mean", GEOMETRIES[2])])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_class_steps_against_hand_written_formulas(normalize, goodness, geometry, backend) -> None:
     args, kwargs = conv_class_case(7, 3, 2, geometry, normalize=normalize, goodness=goodness, temperature=0.7,
                                    dtype=torch.float64, seed=5)
@@ -540,7 +548,7 @@ class _StepLoss(torch.autograd.Function):
         return grad_loss * gw, grad_loss * gb, None
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 @pytest.mark.parametrize("op", ["conv2d_step", "conv2d_class_step", "linear_class_step"])
 def test_gradcheck_step_gradients(op, backend) -> None:
     if op == "conv2d_step":
@@ -561,7 +569,7 @@ def test_gradcheck_step_gradients(op, backend) -> None:
 # forward == the step's h and goodness; empty batches; optimizers; inputs left alone; layouts
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 @pytest.mark.parametrize("goodness", GOODNESS)
 def test_forward_equals_step(backend, goodness) -> None:
     args, kwargs = conv_case(9, 6, 4, GEOMETRIES[1], normalize="rms", goodness=goodness)
@@ -604,7 +612,7 @@ def _torch_optimizer(name: str, params):
     return ours, theirs, options
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *FAST])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("op", ["conv2d_step", "conv2d_class_step", "linear_class_step"])
 def test_optimizer_matches_torch_optim(op, optimizer, backend) -> None:
@@ -668,10 +676,11 @@ def test_adjacent_activations_are_read_not_written() -> None:
         torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_auto_on_cpu_is_torch() -> None:
+def test_auto_on_cpu_is_the_extension_where_built() -> None:
+    """auto on CPU tensors: the extension's path (the fused goodness pass) where it is built, else torch."""
     args, kwargs = conv_class_case(5, 3, 1, GEOMETRIES[1])
     auto = ffk.ff_conv2d_class_step(*args, **kwargs)
-    fast = ffk.ff_conv2d_class_step(*args, **kwargs, backend="torch")
+    fast = ffk.ff_conv2d_class_step(*args, **kwargs, backend="torch" if EXT_REASON else "cuda")
     for name in CLASS_FIELDS:
         assert torch.equal(getattr(auto, name), getattr(fast, name)), name
 
@@ -762,10 +771,11 @@ def _assert_flash_attention_rule(out, truth, baseline, dtype: torch.dtype, field
     assert 1e-5 * gw < err_base < 0.05 * gw, "; ".join(report)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("inputs_low", [True, False], ids=["low-inputs", "compute-dtype"])
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("op", list(STEPS))
-def test_low_precision_flash_attention_rule(op, dtype, inputs_low) -> None:
+def test_low_precision_flash_attention_rule(op, dtype, inputs_low, backend) -> None:
     """Low-precision inputs and parameters, or fp32 ones with ``compute_dtype``: every output against a float64
     truth computed from the values given, at most about twice the error of the reference run at that precision."""
     args32, kwargs = _low_case(op)
@@ -774,7 +784,7 @@ def test_low_precision_flash_attention_rule(op, dtype, inputs_low) -> None:
     truth = STEPS[op](*(t.double() if t.is_floating_point() else t for t in given), **kwargs, backend="reference")
     baseline = _low_baseline(op, given, kwargs, dtype)
     extra = {} if inputs_low else {"compute_dtype": dtype}
-    out = STEPS[op](*given, **kwargs, backend="torch", **extra)
+    out = STEPS[op](*given, **kwargs, backend=backend, **extra)
     assert out.loss.dtype == torch.float32 and out.grad_weight.dtype == (dtype if inputs_low else torch.float32)
     _assert_flash_attention_rule(out, truth, baseline, dtype, fields)
 
@@ -821,8 +831,8 @@ def _bad_calls():
         ("optimizer must be an ff_kernels.optim", lambda: cstep(x, labels, cw, cb, **ckw,
                                                                 optimizer=torch.optim.SGD([cw], lr=0.1))),
         ("x has 4 features", lambda: lstep(torch.zeros(3, 4), labels[:3], torch.zeros(4, 5), num_classes=2)),
-        ("compute_dtype=.*backend='torch' only", lambda: cstep(x, labels, cw, cb, **ckw, backend="reference",
-                                                               compute_dtype=torch.bfloat16)),
+        ("compute_dtype=.*backend='torch'( or 'cuda')? only",
+         lambda: cstep(x, labels, cw, cb, **ckw, backend="reference", compute_dtype=torch.bfloat16)),
     ]
 
 
@@ -833,21 +843,23 @@ def test_bad_arguments_name_themselves(case) -> None:
         call()
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("op", ["conv2d_step", "conv2d_class_step", "linear_class_step", "conv2d_forward"])
-def test_backend_without_conv_kernels_says_so(op, backend) -> None:
-    if (op, backend) in dispatch.TABLE:
-        pytest.skip(f"{backend} implements {op}")
-    (x, labels, w, b), _ = conv_class_case(4, 2, 1, GEOMETRIES[0])
+def test_cuda_backend_runs_conv_on_cpu_tensors_only(op) -> None:
+    """backend='cuda' implements the conv ops for CPU tensors (the extension's fused goodness pass): tensors on a
+    GPU (here on the meta device) are refused with a message that says the CUDA extension has no conv kernels."""
+    from ff_kernels.ops import cpu_conv
+
+    meta = torch.empty(2, 3, 4, 4, device="meta")
     calls = {
-        "conv2d_step": lambda: ffk.ff_conv2d_step(x, x, w, b, backend=backend),
-        "conv2d_class_step": lambda: ffk.ff_conv2d_class_step(x, labels, w, b, num_classes=2, backend=backend),
-        "linear_class_step": lambda: ffk.ff_linear_class_step(
-            x.flatten(1), labels, torch.zeros(2, x[0].numel()), num_classes=2, backend=backend
-        ),
-        "conv2d_forward": lambda: ffk.ff_conv2d_forward(x, w, b, backend=backend),
+        "conv2d_step": lambda: cpu_conv.ff_conv2d_step_cpu(meta, meta, meta, None, None, None,
+                                                           compute_dtype=torch.float32),
+        "conv2d_class_step": lambda: cpu_conv.ff_conv2d_class_step_cpu(meta, meta, meta, None, None, None,
+                                                                       compute_dtype=torch.float32),
+        "linear_class_step": lambda: cpu_conv.ff_linear_class_step_cpu(meta, meta, meta, None, None,
+                                                                       compute_dtype=torch.float32),
+        "conv2d_forward": lambda: cpu_conv.ff_conv2d_forward_cpu(meta, meta, None, None),
     }
-    with pytest.raises(NotImplementedError, match=rf"{op} has no backend='{backend}'.*available: reference, torch"):
+    with pytest.raises(NotImplementedError, match=rf"{op} with backend='cuda' runs on CPU tensors only.*no conv"):
         calls[op]()
 
 

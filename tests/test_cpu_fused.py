@@ -340,6 +340,43 @@ def test_opcheck() -> None:
     torch.library.opcheck(ops.cpu_step_.default, (*common, torch.float32, False, 2, adam,
                                                   [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, 0.1, 0.0316, 0.1, 0.0316]))
     torch.library.opcheck(ops.cpu_forward.default, (x_pos, w, None, 1 / 3, "rms", 1e-4, torch.bfloat16, True))
+    h = torch.rand(3, 12, 5, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.cpu_group_goodness.default, (h, 4, 0.5))
+
+
+def _group_goodness_f64(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
+    wide = h.double()
+    per_channel = wide.square().sum(dim=tuple(range(2, h.dim()))) if h.dim() == 4 else wide.square()
+    return kappa * per_channel.view(h.shape[0], groups, h.shape[1] // groups).sum(dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((5, 6, 8, 8), 3), ((4, 10, 7, 5), 10), ((3, 130, 3, 5), 10), ((2, 61, 4, 4), 1), ((7, 33), 3), ((0, 6, 4, 4), 2)],
+    ids=["folded", "odd-positions", "wide", "one-group", "rows", "empty"],
+)
+def test_fused_group_goodness_matches_float64(shape, groups, dtype) -> None:
+    """The conv steps' goodness pass (backend='cuda' on CPU tensors): squares formed and summed in fp32 (fp64 for
+    fp64) from the widened h, so within fp32 rounding of a float64 sum of the same values, whatever h's dtype; the
+    narrow-row path (positions folded into whole vectors) and the wide one alike."""
+    gen = torch.Generator().manual_seed(7)
+    h = torch.rand(shape, generator=gen).to(dtype)
+    if h.dim() == 4:
+        h = h.contiguous(memory_format=torch.channels_last)
+    out = torch.ops.ff_kernels_ext.cpu_group_goodness(h, groups, 0.25)
+    expected = _group_goodness_f64(h, groups, 0.25)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == expected.shape
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=0)
+
+
+def test_fused_group_goodness_refuses_other_layouts() -> None:
+    h = torch.rand(2, 6, 4, 4)  # contiguous NCHW, not channels-last
+    with pytest.raises(RuntimeError, match="channels-last"):
+        torch.ops.ff_kernels_ext.cpu_group_goodness(h, 2, 1.0)
+    with pytest.raises(RuntimeError, match="groups must divide"):
+        torch.ops.ff_kernels_ext.cpu_group_goodness(h.contiguous(memory_format=torch.channels_last), 4, 1.0)
 
 
 def test_bf16_compute_without_bf16_instructions_warns_once(monkeypatch) -> None:

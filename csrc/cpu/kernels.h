@@ -93,11 +93,24 @@ struct Update {
   void* grad_out = nullptr;    // Opt::none: 2^s grad in param_type
 };
 
+// The goodness of a convolution's (or a layer's) output per sample and channel group, for the conv steps (DESIGN 7):
+// h is (rows, positions, channels) with the channels innermost (channels-last images, or (B, N) rows with one
+// position); out (rows, groups) in the accumulate type gets kappa times the sum of h^2 over each group of
+// channels / groups contiguous channels and all positions, the squares formed and summed in the accumulate type.
+struct GroupGoodness {
+  const void* h = nullptr;
+  at::ScalarType h_type = at::kFloat;
+  int64_t rows = 0, positions = 0, channels = 0, groups = 1;
+  double kappa = 1.0;
+  void* out = nullptr;
+};
+
 struct Kernels {
   const char* capability;
   void (*scale_rows)(ScaleRows&);
   void (*finish_rows)(const FinishRows&);
   void (*update)(const Update&);
+  void (*group_goodness)(const GroupGoodness&);
 };
 
 // One table per capability; nullptr where this build or this compiler has none (see kernels_avx512.cpp).

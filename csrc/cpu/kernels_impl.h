@@ -403,6 +403,53 @@ void update(const Update& args) {
   with_types(args.grad_type, args.param_type, [&](auto g, auto w) { update_impl<decltype(g), decltype(w)>(args); });
 }
 
-const Kernels table{C10_STRINGIZE(CPU_CAPABILITY), &scale_rows, &finish_rows, &update};
+// ---------------------------------------------------------------------------------------------------------------
+// The conv steps' goodness: per sample, h^2 summed over the positions into one accumulator per channel, in one read
+// of h (widened on load, so no fp32 copy of a bf16 h is written), then over each channel group. A row of fewer than
+// 64 channels is read as rows of m positions (m a power of two dividing the positions, m x channels <= 1024): whole
+// vectors instead of a short row's tail, the m partial sums of a channel added at the end.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename C>
+void group_goodness_impl(const GroupGoodness& args) {
+  using A = acc_t<C>;
+  constexpr int64_t step = Pack<A>::size();
+  const int64_t positions = args.positions, channels = args.channels, groups = args.groups;
+  int64_t fold = 1;
+  while (channels < 64 && positions % (2 * fold) == 0 && 2 * fold * channels <= 1024) fold *= 2;
+  const int64_t width = fold * channels, lines = positions / fold, group_size = channels / groups;
+  const auto* h = static_cast<const C*>(args.h);
+  auto* out = static_cast<A*>(args.out);
+  const A kappa = static_cast<A>(args.kappa);
+  at::parallel_for(0, args.rows, row_grain(positions * channels), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(width);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      const C* sample = h + b * positions * channels;
+      for (int64_t line = 0; line < lines; ++line) {
+        const C* x = sample + line * width;
+        for (int64_t j = 0; j < width; j += step) {
+          const Pack<A> v = load<A>(x + j, width - j);
+          store(acc.data() + j,
+                each([](auto u, auto s) { return at::vec::fmadd(u, u, s); }, v, load<A>(acc.data() + j, width - j)),
+                width - j);
+        }
+      }
+      for (int64_t k = 0; k < groups; ++k) {
+        A total = 0;
+        for (int64_t f = 0; f < fold; ++f) {
+          const A* part = acc.data() + f * channels + k * group_size;
+          total = std::accumulate(part, part + group_size, total);
+        }
+        out[b * groups + k] = kappa * total;
+      }
+    }
+  });
+}
+
+void group_goodness(const GroupGoodness& args) {
+  with_type(args.h_type, [&](auto c) { group_goodness_impl<decltype(c)>(args); });
+}
+
+const Kernels table{C10_STRINGIZE(CPU_CAPABILITY), &scale_rows, &finish_rows, &update, &group_goodness};
 
 }  // namespace ffk::cpu::CPU_CAPABILITY

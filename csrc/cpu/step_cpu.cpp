@@ -468,6 +468,31 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& x, const Tensor& w, const O
   return forward_impl(x, check_layer(w, b, compute_dtype), kappa, parse_normalize(normalize), eps, check_finite);
 }
 
+// The conv steps' goodness (kernels.h's GroupGoodness): h (B, C) rows or (B, C, H, W) channels-last images.
+Tensor cpu_group_goodness(const Tensor& h, int64_t groups, double kappa) {
+  TORCH_CHECK(h.device().is_cpu(), "h must be a CPU tensor; got ", h.device());
+  TORCH_CHECK(is_float(h.scalar_type()), "h must be float32, float64, bfloat16 or float16; got ", h.scalar_type());
+  TORCH_CHECK(h.dim() == 2 || h.dim() == 4, "h must be (B, C) or (B, C, H, W); got ", h.sizes());
+  const int64_t rows = h.size(0), channels = h.size(1), positions = h.numel() / std::max<int64_t>(rows * channels, 1);
+  TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide h's ", channels, " channels; got ", groups);
+  TORCH_CHECK(h.dim() == 2 ? h.is_contiguous() : h.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "h must be contiguous rows or channels-last images");
+  Tensor out = empty({rows, groups}, accumulate_type(h.scalar_type()));
+  if (out.numel() == 0) return out;
+  ffk::cpu::GroupGoodness pass;
+  pass.h = h.const_data_ptr();
+  pass.h_type = h.scalar_type();
+  pass.rows = rows;
+  pass.positions = positions;
+  pass.channels = channels;
+  pass.groups = groups;
+  pass.kappa = kappa;
+  pass.out = out.data_ptr();
+  RECORD_FUNCTION("ffk::cpu::group_goodness", {});
+  ffk::cpu::kernels().group_goodness(pass);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The CUDA ops' CPU twins: the same core in the parameters' dtype, without the finiteness scan.
 // ---------------------------------------------------------------------------------------------------------------
@@ -545,4 +570,5 @@ TORCH_LIBRARY_IMPL(ff_kernels_ext, CPU, m) {
   m.impl("step_adam_", &step_adam_cpu);
   m.impl("cpu_step_", &cpu_step);
   m.impl("cpu_forward", &cpu_forward);
+  m.impl("cpu_group_goodness", &cpu_group_goodness);
 }

@@ -197,6 +197,10 @@ def _on_loaded() -> None:
         acc = torch.promote_types(compute_dtype, torch.float32)
         return x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype), x.new_empty((x.shape[0],), dtype=acc)
 
+    @register("ff_kernels_ext::cpu_group_goodness")
+    def _(h, groups, kappa):
+        return h.new_empty((h.shape[0], groups), dtype=torch.promote_types(h.dtype, torch.float32))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The functions ff_kernels.functional calls (inputs already checked there).

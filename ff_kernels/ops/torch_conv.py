@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,10 @@ def group_goodness(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
     return per_channel.view(rows, groups, -1).sum(dim=2).mul_(kappa)
 
 
+# The goodness function of the steps below, (h, groups, kappa) -> (B, groups): group_goodness, or a backend's own.
+Goodness = Callable[[torch.Tensor, int, float], torch.Tensor]
+
+
 def wide_squares(t: torch.Tensor) -> torch.Tensor:
     """t^2 elementwise in the accumulate dtype (a fresh tensor)."""
     wide = t.to(accumulate_dtype(t.dtype))
@@ -284,11 +289,12 @@ def ff_conv2d_forward_torch(
     eps: float,
     num_classes: int | None,
     compute_dtype: torch.dtype,
+    goodness: Goodness = group_goodness,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference (GEMM 1 alone): h in ``compute_dtype`` and the goodness per sample or per (sample, group)."""
     xs = scaled_images(x, x[:0], compute_dtype, normalize, eps)
     h = conv_relu(xs, *_cast(weight, bias, compute_dtype), geometry)
-    g = group_goodness(h, num_classes or 1, kappa)
+    g = goodness(h, num_classes or 1, kappa)
     return h, g if num_classes else g.squeeze(1)
 
 
@@ -303,13 +309,14 @@ def ff_conv2d_step_torch(
     offset_neg: torch.Tensor | None = None,
     *,
     compute_dtype: torch.dtype,
+    goodness: Goodness = group_goodness,
 ) -> FFStepOutput:
     """The positive/negative conv step: one coefficient per sample, DESIGN 1.4-1.6 on the per-sample goodness."""
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     x = scaled_images(x_pos, x_neg, compute_dtype, opts.normalize, opts.eps)
     w, b = _cast(weight, bias, compute_dtype)
     h = conv_relu(x, w, b, geometry)
-    g = group_goodness(h, 1, opts.kappa).squeeze(1)
+    g = goodness(h, 1, opts.kappa).squeeze(1)
     loss, c = loss_and_coefficient(g[:rows_pos], g[rows_pos:], opts, offset_pos, offset_neg)
     scale = coefficient_scale(opts, rows_pos, rows_neg)
     grad_out = coefficient_times_h(h, c.div_(scale).unsqueeze(1))
@@ -326,12 +333,13 @@ def ff_conv2d_class_step_torch(
     geometry: ConvGeometry,
     *,
     compute_dtype: torch.dtype,
+    goodness: Goodness = group_goodness,
 ) -> FFClassStepOutput:
     """The class-goodness conv step: one coefficient per (sample, channel group)."""
     xs = scaled_images(x, x[:0], compute_dtype, opts.normalize, opts.eps)
     w, b = _cast(weight, bias, compute_dtype)
     h = conv_relu(xs, w, b, geometry)
-    g = group_goodness(h, opts.num_classes, opts.kappa)
+    g = goodness(h, opts.num_classes, opts.kappa)
     loss, c = class_loss_and_coefficient(g, labels, opts)
     scale = class_coefficient_scale(opts, x.shape[0])
     grad_out = coefficient_times_h(h, c.div_(scale))
@@ -347,12 +355,13 @@ def ff_linear_class_step_torch(
     opts: ClassStepOptions,
     *,
     compute_dtype: torch.dtype,
+    goodness: Goodness = group_goodness,
 ) -> FFClassStepOutput:
     """The class-goodness linear step: one coefficient per (sample, group of units)."""
     xs = scaled_rows(x, compute_dtype, opts.normalize, opts.eps)
     w, b = _cast(weight, bias, compute_dtype)
     h = affine_relu(xs, w, b, None)
-    g = group_goodness(h, opts.num_classes, opts.kappa)
+    g = goodness(h, opts.num_classes, opts.kappa)
     loss, c = class_loss_and_coefficient(g, labels, opts)
     scale = class_coefficient_scale(opts, x.shape[0])
     grad_out = coefficient_times_h(h, c.div_(scale))
