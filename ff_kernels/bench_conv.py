@@ -7,8 +7,9 @@ without reordering, so the eager twin and the floor get it too and the ratios me
 
 - ``eager``: the step written with autograd: the input scale, ``nn.Conv2d``, ReLU, the class goodness,
   ``F.cross_entropy`` over g / tau, ``backward()``, ``torch.optim.Adam``;
-- ``auto``, ``reference``, ``torch`` (and ``triton``, ``cuda`` once they have conv kernels): ``ff_conv2d_class_step``
-  with that backend and ``ff_kernels.optim.Adam`` (``check_finite=False``); ``torch_mixed`` (non-fp32 rows only)
+- ``auto``, ``reference``, ``torch``, ``triton`` (CUDA tensors, or the interpreter), ``cuda`` (CPU tensors: the
+  closed form with the extension's fused goodness pass): ``ff_conv2d_class_step`` with that backend and
+  ``ff_kernels.optim.Adam`` (``check_finite=False``); ``torch_mixed`` (non-fp32 rows only)
   keeps fp32 weights and runs the convolutions in the row's dtype;
 - ``compile``: ``torch.compile`` of the ``torch`` step with the same Adam update inside the graph;
 - ``gemm_floor``: the step's two implicit GEMMs alone: the convolution (``F.conv2d``) and its weight and bias

@@ -45,10 +45,7 @@ from ff_kernels.ops.triton.grad_update_gemm import (
     MIN_SPLIT_ROWS,
     RestoreInPlace,
     Update,
-    _adam_update,
-    _column_block,
-    _sgd_update,
-    _sum_splits,
+    _finish_tile,
     weight_tiles,
 )
 
@@ -590,51 +587,14 @@ def ff_conv_grad_update_kernel(
         bias_tile, NORMALIZE, HAS_BIAS, KH, KW, INPUT_PRECISION, INTERPRET, BLOCK_M,
     )
 
-    finish = True
-    if SPLIT:
-        if splits > 1:
-            tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-            tile_mask = n_mask[:, None] & k_mask[None, :]
-            # N as a tensor: a one-channel layer's N arrives as the constant 1, which _sum_splits cannot widen
-            acc, gb, finish = _sum_splits(
-                acc, gb, ws_ptr, wsb_ptr, count_ptr, split, splits, tile_id, tile, tile_mask, offs_n, n_mask,
-                tl.cast(N, tl.int32), K, bias_tile, HAS_BIAS,
-            )
-    if finish:
-        BLOCKS: tl.constexpr = (BLOCK_N * BLOCK_K + EPILOGUE_ELEMENTS - 1) // EPILOGUE_ELEMENTS
-        SUB_K: tl.constexpr = BLOCK_K // BLOCKS
-        grad3 = tl.reshape(acc * coef_scale, (BLOCK_N, BLOCKS, SUB_K))
-        for j in tl.static_range(BLOCKS):
-            offs_kj = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
-            tile_j = offs_n.to(tl.int64)[:, None] * K + offs_kj[None, :]
-            mask_j = n_mask[:, None] & (offs_kj < K)[None, :]
-            grad_j = _column_block(grad3, j, BLOCKS)
-            if OPT == 0:
-                tl.store(gw_ptr + tile_j, cast(grad_j, gw_ptr.dtype.element_ty, INTERPRET), mask=mask_j)
-            elif OPT == 1:
-                _sgd_update(
-                    w_ptr, s1w_ptr, tile_j, grad_j, mask_j, first_w, lr, momentum, dampening, weight_decay,
-                    MOMENTUM, NESTEROV, INTERPRET,
-                )
-            else:
-                _adam_update(
-                    w_ptr, s1w_ptr, s2w_ptr, tile_j, grad_j, mask_j, lr, beta1, beta2, adam_eps, weight_decay,
-                    step_size_w, bc2_sqrt_w, DECOUPLED, INTERPRET,
-                )
-        if HAS_BIAS:
-            if bias_tile:
-                if OPT == 0:
-                    tl.store(gb_ptr + offs_n, cast(gb, gb_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
-                elif OPT == 1:
-                    _sgd_update(
-                        b_ptr, s1b_ptr, offs_n, gb, n_mask, first_b, lr, momentum, dampening, weight_decay,
-                        MOMENTUM, NESTEROV, INTERPRET,
-                    )
-                else:
-                    _adam_update(
-                        b_ptr, s1b_ptr, s2b_ptr, offs_n, gb, n_mask, lr, beta1, beta2, adam_eps, weight_decay,
-                        step_size_b, bc2_sqrt_b, DECOUPLED, INTERPRET,
-                    )
+    # N as a tensor: a one-channel layer's N arrives as the constant 1, which _sum_splits cannot widen
+    _finish_tile(
+        acc, gb, ws_ptr, wsb_ptr, count_ptr, split, splits, tile_id, offs_n, offs_k, n_mask, k_mask,
+        tl.cast(N, tl.int32), K, pid_k, bias_tile, w_ptr, b_ptr, gw_ptr, gb_ptr, s1w_ptr, s2w_ptr, s1b_ptr, s2b_ptr,
+        coef_scale, lr, weight_decay, momentum, dampening, first_w, first_b, beta1, beta2, adam_eps, step_size_w,
+        bc2_sqrt_w, step_size_b, bc2_sqrt_b, HAS_BIAS, OPT, MOMENTUM, NESTEROV, DECOUPLED, SPLIT, INTERPRET, BLOCK_N,
+        BLOCK_K, EPILOGUE_ELEMENTS,
+    )
 
 
 CONV_GRAD_RESTORE.arg_names = tuple(ff_conv_grad_update_kernel.arg_names)

@@ -352,6 +352,169 @@ def _column_block(tile3, j: tl.constexpr, BLOCKS: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, BLOCKS)[None, :, None] == j, tile3, 0.0), axis=1)
 
 
+@triton.jit
+def _finish_tile(
+    acc,
+    gb,
+    ws_ptr,
+    wsb_ptr,
+    count_ptr,
+    split,
+    splits,
+    tile_id,
+    offs_n,
+    offs_k,
+    n_mask,
+    k_mask,
+    N,
+    K,
+    pid_k,
+    bias_tile,
+    w_ptr,
+    b_ptr,
+    gw_ptr,
+    gb_ptr,
+    s1w_ptr,
+    s2w_ptr,
+    s1b_ptr,
+    s2b_ptr,
+    coef_scale,
+    lr,
+    weight_decay,
+    momentum,
+    dampening,
+    first_w,
+    first_b,
+    beta1,
+    beta2,
+    adam_eps,
+    step_size_w,
+    bc2_sqrt_w,
+    step_size_b,
+    bc2_sqrt_b,
+    HAS_BIAS: tl.constexpr,
+    OPT: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
+    """GEMM 2's epilogue for one weight tile, shared by the linear and the conv kernel: with a split grid, publish
+    the partial tile (acc, and gb for the bias) and go on only as the last split to arrive, with the sum over splits
+    in split order; then the gradient store or the SGD/Adam update, in column blocks of at most EPILOGUE elements,
+    small enough for the update's operands to stay in registers."""
+    finish = True
+    if SPLIT:
+        if splits > 1:
+            tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+            tile_mask = n_mask[:, None] & k_mask[None, :]
+            acc, gb, finish = _sum_splits(
+                acc,
+                gb,
+                ws_ptr,
+                wsb_ptr,
+                count_ptr,
+                split,
+                splits,
+                tile_id,
+                tile,
+                tile_mask,
+                offs_n,
+                n_mask,
+                N,
+                K,
+                bias_tile,
+                HAS_BIAS,
+            )
+    if finish:
+        BLOCKS: tl.constexpr = (BLOCK_N * BLOCK_K + EPILOGUE - 1) // EPILOGUE
+        SUB_K: tl.constexpr = BLOCK_K // BLOCKS
+        grad3 = tl.reshape(acc * coef_scale, (BLOCK_N, BLOCKS, SUB_K))
+        for j in tl.static_range(BLOCKS):
+            offs_kj = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
+            tile_j = offs_n.to(tl.int64)[:, None] * K + offs_kj[None, :]
+            mask_j = n_mask[:, None] & (offs_kj < K)[None, :]
+            grad_j = _column_block(grad3, j, BLOCKS)
+            if OPT == 0:
+                tl.store(gw_ptr + tile_j, cast(grad_j, gw_ptr.dtype.element_ty, INTERPRET), mask=mask_j)
+            elif OPT == 1:
+                _sgd_update(
+                    w_ptr,
+                    s1w_ptr,
+                    tile_j,
+                    grad_j,
+                    mask_j,
+                    first_w,
+                    lr,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    MOMENTUM,
+                    NESTEROV,
+                    INTERPRET,
+                )
+            else:
+                _adam_update(
+                    w_ptr,
+                    s1w_ptr,
+                    s2w_ptr,
+                    tile_j,
+                    grad_j,
+                    mask_j,
+                    lr,
+                    beta1,
+                    beta2,
+                    adam_eps,
+                    weight_decay,
+                    step_size_w,
+                    bc2_sqrt_w,
+                    DECOUPLED,
+                    INTERPRET,
+                )
+        if HAS_BIAS:
+            if bias_tile:
+                if OPT == 0:
+                    tl.store(gb_ptr + offs_n, cast(gb, gb_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
+                elif OPT == 1:
+                    _sgd_update(
+                        b_ptr,
+                        s1b_ptr,
+                        offs_n,
+                        gb,
+                        n_mask,
+                        first_b,
+                        lr,
+                        momentum,
+                        dampening,
+                        weight_decay,
+                        MOMENTUM,
+                        NESTEROV,
+                        INTERPRET,
+                    )
+                else:
+                    _adam_update(
+                        b_ptr,
+                        s1b_ptr,
+                        s2b_ptr,
+                        offs_n,
+                        gb,
+                        n_mask,
+                        lr,
+                        beta1,
+                        beta2,
+                        adam_eps,
+                        weight_decay,
+                        step_size_b,
+                        bc2_sqrt_b,
+                        DECOUPLED,
+                        INTERPRET,
+                    )
+
+
 @triton.autotune(
     configs=GRAD_CONFIGS,
     key=TUNING_KEY,
@@ -492,114 +655,12 @@ def ff_grad_update_kernel(
         BLOCK_M,
     )
 
-    # A split publishes its partial tile; only the last to arrive goes on, with the sum over splits in split order.
-    finish = True
-    if SPLIT:
-        if splits > 1:
-            tile = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-            tile_mask = n_mask[:, None] & k_mask[None, :]
-            acc, gb, finish = _sum_splits(
-                acc,
-                gb,
-                ws_ptr,
-                wsb_ptr,
-                count_ptr,
-                split,
-                splits,
-                tile_id,
-                tile,
-                tile_mask,
-                offs_n,
-                n_mask,
-                N,
-                K,
-                bias_tile,
-                HAS_BIAS,
-            )
-    # The epilogue, in column blocks small enough for the update's operands to stay in registers.
-    if finish:
-        BLOCKS: tl.constexpr = (BLOCK_N * BLOCK_K + EPILOGUE_ELEMENTS - 1) // EPILOGUE_ELEMENTS
-        SUB_K: tl.constexpr = BLOCK_K // BLOCKS
-        grad3 = tl.reshape(acc * coef_scale, (BLOCK_N, BLOCKS, SUB_K))
-        for j in tl.static_range(BLOCKS):
-            offs_kj = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
-            tile_j = offs_n.to(tl.int64)[:, None] * K + offs_kj[None, :]
-            mask_j = n_mask[:, None] & (offs_kj < K)[None, :]
-            grad_j = _column_block(grad3, j, BLOCKS)
-            if OPT == 0:
-                tl.store(gw_ptr + tile_j, cast(grad_j, gw_ptr.dtype.element_ty, INTERPRET), mask=mask_j)
-            elif OPT == 1:
-                _sgd_update(
-                    w_ptr,
-                    s1w_ptr,
-                    tile_j,
-                    grad_j,
-                    mask_j,
-                    first_w,
-                    lr,
-                    momentum,
-                    dampening,
-                    weight_decay,
-                    MOMENTUM,
-                    NESTEROV,
-                    INTERPRET,
-                )
-            else:
-                _adam_update(
-                    w_ptr,
-                    s1w_ptr,
-                    s2w_ptr,
-                    tile_j,
-                    grad_j,
-                    mask_j,
-                    lr,
-                    beta1,
-                    beta2,
-                    adam_eps,
-                    weight_decay,
-                    step_size_w,
-                    bc2_sqrt_w,
-                    DECOUPLED,
-                    INTERPRET,
-                )
-        if HAS_BIAS:
-            if bias_tile:
-                if OPT == 0:
-                    tl.store(gb_ptr + offs_n, cast(gb, gb_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
-                elif OPT == 1:
-                    _sgd_update(
-                        b_ptr,
-                        s1b_ptr,
-                        offs_n,
-                        gb,
-                        n_mask,
-                        first_b,
-                        lr,
-                        momentum,
-                        dampening,
-                        weight_decay,
-                        MOMENTUM,
-                        NESTEROV,
-                        INTERPRET,
-                    )
-                else:
-                    _adam_update(
-                        b_ptr,
-                        s1b_ptr,
-                        s2b_ptr,
-                        offs_n,
-                        gb,
-                        n_mask,
-                        lr,
-                        beta1,
-                        beta2,
-                        adam_eps,
-                        weight_decay,
-                        step_size_b,
-                        bc2_sqrt_b,
-                        DECOUPLED,
-                        INTERPRET,
-                    )
+    _finish_tile(
+        acc, gb, ws_ptr, wsb_ptr, count_ptr, split, splits, tile_id, offs_n, offs_k, n_mask, k_mask, N, K, pid_k,
+        bias_tile, w_ptr, b_ptr, gw_ptr, gb_ptr, s1w_ptr, s2w_ptr, s1b_ptr, s2b_ptr, coef_scale, lr, weight_decay,
+        momentum, dampening, first_w, first_b, beta1, beta2, adam_eps, step_size_w, bc2_sqrt_w, step_size_b,
+        bc2_sqrt_b, HAS_BIAS, OPT, MOMENTUM, NESTEROV, DECOUPLED, SPLIT, INTERPRET, BLOCK_N, BLOCK_K, EPILOGUE_ELEMENTS,
+    )
 
 
 GRAD_RESTORE.arg_names = tuple(ff_grad_update_kernel.arg_names)
