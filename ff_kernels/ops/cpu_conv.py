@@ -11,7 +11,7 @@ import torch
 
 from ff_kernels._options import ClassStepOptions, ConvGeometry, StepOptions
 from ff_kernels.ops import torch_conv
-from ff_kernels.ops.cuda_step import _require
+from ff_kernels.ops.cuda_step import require_extension
 from ff_kernels.types import FFClassStepOutput, FFStepOutput
 
 
@@ -29,7 +29,7 @@ def _cpu_only(op: str, weight: torch.Tensor) -> None:
             f"{op} with backend='cuda' runs on CPU tensors only: the CUDA extension has no conv (or class-goodness) "
             f"kernels; use backend='triton' or 'torch' for {weight.device} tensors"
         )
-    _require(weight.device)
+    require_extension(weight.device)
 
 
 def ff_conv2d_forward_cpu(

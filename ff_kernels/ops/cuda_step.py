@@ -131,7 +131,8 @@ def extension_unavailable_reason(device: torch.device | str | None = None) -> st
 _ready: set[str] = set()  # device types that passed the check
 
 
-def _require(device: torch.device) -> None:
+def require_extension(device: torch.device) -> None:
+    """Raises RuntimeError saying why when the extension cannot run on ``device`` (checked once per device type)."""
     if device.type in _ready:
         return
     reason = extension_unavailable_reason(device)
@@ -271,7 +272,7 @@ def ff_linear_step_cuda(
     ``compute_dtype`` (default: w's dtype) and ``check_finite`` (a ValueError naming the input or offset that holds a
     NaN or an infinity, raised before anything is written) are the CPU operator's; the CUDA kernels run in w's dtype
     and leave the finiteness check to ``ff_kernels.functional``, which never asks them for it."""
-    _require(w.device)
+    require_extension(w.device)
     if w.device.type == "cpu":
         return _cpu_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer, compute_dtype, check_finite)
     _check_cuda_options(w, compute_dtype, check_finite)
@@ -341,7 +342,7 @@ def _cpu_step(
 def cpu_kernels() -> str:
     """The CPU capability the fused CPU passes run with on this machine ("AVX512", "AVX2" or "DEFAULT": ATen's,
     which ``ATEN_CPU_CAPABILITY`` overrides; "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)."""
-    _require(torch.device("cpu"))
+    require_extension(torch.device("cpu"))
     return torch.ops.ff_kernels_ext.cpu_kernels()
 
 
@@ -368,7 +369,7 @@ def ff_linear_forward_cuda(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference, GEMM 1 alone: h (in the compute dtype) and goodness g (fp32), DESIGN 1.1-1.3; ``compute_dtype``
     and ``check_finite`` as in :func:`ff_linear_step_cuda`."""
-    _require(w.device)
+    require_extension(w.device)
     if w.device.type == "cpu":
         compute = w.dtype if compute_dtype is None else compute_dtype
         return torch.ops.ff_kernels_ext.cpu_forward.default(x, w, b, kappa, normalize, eps, compute, check_finite)
