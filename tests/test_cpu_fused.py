@@ -306,21 +306,25 @@ def _cpu_flags() -> set[str]:
 
 
 def test_capability_variants_agree() -> None:
-    """The passes are compiled per CPU capability and follow ATen's choice (ATEN_CPU_CAPABILITY; AVX512 runs the
-    AVX512_BF16 variant on a CPU with AVX512-BF16); every variant this CPU can run gives the same step up to
-    rounding."""
+    """The passes are compiled per CPU capability and follow ATen's choice (ATEN_CPU_CAPABILITY; left unset, AVX512
+    runs the AVX512_BF16 variant on a CPU with AVX512-BF16); every variant this CPU can run gives the same step up
+    to rounding."""
     capability = torch.backends.cpu.get_cpu_capability()
-    variants = ["default"] + [v for v in ("avx2", "avx512") if v.upper() in ("AVX2", capability)]
+    variants = ["default"] + [v for v in ("avx2", "avx512") if v.upper() in ("AVX2", capability)] + [None]
     results = {}
     for variant in variants:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if variant is not None:
+            env["ATEN_CPU_CAPABILITY"] = variant
         proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
                               timeout=300, check=True)
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["default"]["kernels"] == "DEFAULT"
+    unset = "AVX512_BF16" if capability == "AVX512" and "avx512_bf16" in _cpu_flags() else capability
+    assert results[None]["kernels"] == unset
     for variant in variants[1:]:
-        native_bf16 = variant == "avx512" and "avx512_bf16" in _cpu_flags()
-        assert results[variant]["kernels"] == ("AVX512_BF16" if native_bf16 else variant.upper())
+        if variant is not None:
+            assert results[variant]["kernels"] == variant.upper()
         for dtype, rtol in (("torch.float32", 1e-5), ("torch.bfloat16", 2e-2)):
             torch.testing.assert_close(torch.tensor(results[variant][dtype]), torch.tensor(results["default"][dtype]),
                                        rtol=rtol, atol=rtol)
@@ -353,8 +357,9 @@ def _group_goodness_f64(h: torch.Tensor, groups: int, kappa: float) -> torch.Ten
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "shape,groups",
-    [((5, 6, 8, 8), 3), ((4, 10, 7, 5), 10), ((3, 130, 3, 5), 10), ((2, 61, 4, 4), 1), ((7, 33), 3), ((0, 6, 4, 4), 2)],
-    ids=["folded", "odd-positions", "wide", "one-group", "rows", "empty"],
+    [((5, 6, 8, 8), 3), ((4, 10, 7, 5), 10), ((3, 130, 3, 5), 10), ((2, 61, 4, 4), 1), ((7, 33), 3), ((0, 6, 4, 4), 2),
+     ((3, 0), 1), ((2, 4, 0, 3), 2)],
+    ids=["folded", "odd-positions", "wide", "one-group", "rows", "empty", "no-channels", "no-positions"],
 )
 def test_fused_group_goodness_matches_float64(shape, groups, dtype) -> None:
     """The conv steps' goodness pass (backend='cuda' on CPU tensors): squares formed and summed in fp32 (fp64 for

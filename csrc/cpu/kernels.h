@@ -12,7 +12,7 @@
 // Each pass is one at::parallel_for over rows (or parameter chunks) of at::vec::Vectorized code. The passes are
 // compiled once per CPU capability (kernels_{default,avx2,avx512,avx512_bf16}.cpp) and kernels() returns the variant
 // ATen itself uses on this machine (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 or default selects the
-// others too), AVX512 becoming AVX512_BF16 where the CPU has AVX512-BF16.
+// others too), AVX512 becoming AVX512_BF16 where the CPU has AVX512-BF16 (unless ATEN_CPU_CAPABILITY=avx512).
 // Plain types only: step_cpu.cpp owns the tensors.
 #pragma once
 

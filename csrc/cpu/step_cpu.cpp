@@ -479,6 +479,7 @@ Tensor cpu_group_goodness(const Tensor& h, int64_t groups, double kappa) {
               "h must be contiguous rows or channels-last images");
   Tensor out = empty({rows, groups}, accumulate_type(h.scalar_type()));
   if (out.numel() == 0) return out;
+  if (channels == 0 || positions == 0) return out.zero_();  // sums over nothing
   ffk::cpu::GroupGoodness pass;
   pass.h = h.const_data_ptr();
   pass.h_type = h.scalar_type();

@@ -16,7 +16,10 @@ from ff_kernels.types import FFClassStepOutput, FFStepOutput
 
 
 def fused_goodness(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
-    """``torch_conv.group_goodness`` in one pass over h; h in another layout (never the steps' own) goes there."""
+    """``torch_conv.group_goodness`` in one pass over h. Under ``torch.compile`` the ATen form, which inductor fuses
+    with the ReLU before it; h in another layout (never the steps' own) goes there too."""
+    if torch.compiler.is_compiling():
+        return torch_conv.group_goodness(h, groups, kappa)
     rows_or_images = h.is_contiguous() if h.dim() == 2 else h.is_contiguous(memory_format=torch.channels_last)
     if not rows_or_images:
         return torch_conv.group_goodness(h, groups, kappa)
