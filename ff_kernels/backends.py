@@ -107,6 +107,12 @@ def _cpuinfo(field: str) -> str | None:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+@functools.cache
 def cpu_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): as oneDNN sees it, or from the
     CPU's flags where torch has no oneDNN."""
@@ -116,7 +122,7 @@ def cpu_bf16_matmul() -> bool:
             return bool(probe())
         except RuntimeError:  # a torch built without oneDNN
             pass
-    return bool({"avx512_bf16", "amx_bf16"} & set((_cpuinfo("flags") or "").split()))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_info() -> dict[str, object]:

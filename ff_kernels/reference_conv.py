@@ -47,7 +47,8 @@ def sample_goodness_ref(h: torch.Tensor, kappa: float) -> torch.Tensor:
 
 def class_goodness_ref(h: torch.Tensor, num_classes: int, kappa: float) -> torch.Tensor:
     """g_bk = kappa * sum of h^2 over group k's channels (or units) and all positions; groups are contiguous."""
-    return kappa * h.pow(2).reshape(h.shape[0], num_classes, -1).sum(dim=2)
+    group = h.shape[1:].numel() // num_classes  # not -1, which an empty batch or layer leaves undetermined
+    return kappa * h.pow(2).reshape(h.shape[0], num_classes, group).sum(dim=2)
 
 
 def class_loss_ref(g: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from test_contract import assert_outputs_close, make_case
 import ff_kernels as ffk
 from ff_kernels import backends, functional, optim
 from ff_kernels.ops import cuda_step
+from ff_kernels.reference_conv import class_goodness_ref
 
 REASON = cuda_step.extension_unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no C++ operator: {REASON}")
@@ -297,14 +298,6 @@ print(json.dumps(out))
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 def test_capability_variants_agree() -> None:
     """The passes are compiled per CPU capability and follow ATen's choice (ATEN_CPU_CAPABILITY; left unset, AVX512
     runs the AVX512_BF16 variant on a CPU with AVX512-BF16); every variant this CPU can run gives the same step up
@@ -320,7 +313,7 @@ def test_capability_variants_agree() -> None:
                               timeout=300, check=True)
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["default"]["kernels"] == "DEFAULT"
-    unset = "AVX512_BF16" if capability == "AVX512" and "avx512_bf16" in _cpu_flags() else capability
+    unset = "AVX512_BF16" if capability == "AVX512" and "avx512_bf16" in backends.cpu_flags() else capability
     assert results[None]["kernels"] == unset
     for variant in variants[1:]:
         if variant is not None:
@@ -348,12 +341,6 @@ def test_opcheck() -> None:
     torch.library.opcheck(ops.cpu_group_goodness.default, (h, 4, 0.5))
 
 
-def _group_goodness_f64(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
-    wide = h.double()
-    per_channel = wide.square().sum(dim=tuple(range(2, h.dim()))) if h.dim() == 4 else wide.square()
-    return kappa * per_channel.view(h.shape[0], groups, h.shape[1] // groups).sum(dim=2)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "shape,groups",
@@ -370,7 +357,7 @@ def test_fused_group_goodness_matches_float64(shape, groups, dtype) -> None:
     if h.dim() == 4:
         h = h.contiguous(memory_format=torch.channels_last)
     out = torch.ops.ff_kernels_ext.cpu_group_goodness(h, groups, 0.25)
-    expected = _group_goodness_f64(h, groups, 0.25)
+    expected = class_goodness_ref(h.double(), groups, 0.25)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == expected.shape
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=0)
