@@ -409,13 +409,17 @@ void update(const Update& args) {
 // 64 channels is read as rows of m positions (m a power of two dividing the positions, m x channels <= 1024): whole
 // vectors instead of a short row's tail, the m partial sums of a channel added at the end.
 // ---------------------------------------------------------------------------------------------------------------
+// The fold's bounds, those of torch_conv.folded_positions (FOLD_BELOW, FOLD_WIDTH): rows of fewer channels than
+// one 64-element block, folded up to 1024 elements.
+constexpr int64_t kFoldBelow = 64, kFoldWidth = 1024;
+
 template <typename C>
 void group_goodness_impl(const GroupGoodness& args) {
   using A = acc_t<C>;
   constexpr int64_t step = Pack<A>::size();
   const int64_t positions = args.positions, channels = args.channels, groups = args.groups;
   int64_t fold = 1;
-  while (channels < 64 && positions % (2 * fold) == 0 && 2 * fold * channels <= 1024) fold *= 2;
+  while (channels < kFoldBelow && positions % (2 * fold) == 0 && 2 * fold * channels <= kFoldWidth) fold *= 2;
   const int64_t width = fold * channels, lines = positions / fold, group_size = channels / groups;
   const auto* h = static_cast<const C*>(args.h);
   auto* out = static_cast<A*>(args.out);
