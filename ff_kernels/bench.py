@@ -321,6 +321,10 @@ class Row:
     vs_eager: float = math.nan
     vs_compile: float = math.nan
     over_floor: float = math.nan
+    vs_compile_p25: float = math.nan
+    vs_compile_p75: float = math.nan
+    over_floor_p25: float = math.nan
+    over_floor_p75: float = math.nan
     vs_eager_fp32: float = math.nan
     peak_mib: float = math.nan
     extra_pct_h: float = math.nan
@@ -335,6 +339,16 @@ class Row:
 
 def _quantile(values: Sequence[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
+
+
+def paired_ratio(reference: Sequence[float], times: Sequence[float], invert: bool = False) -> tuple[float, ...]:
+    """Median and quartiles of the per-round ratios reference / time (time / reference if ``invert``).
+
+    A round times every variant once, side by side, so a load spike slows both members of a pair: the ratio of the
+    medians can pair one variant's fast round with the other's slow one, the median of the ratios cannot.
+    """
+    ratios = [t / r if invert else r / t for r, t in zip(reference, times, strict=True)]
+    return statistics.median(ratios), _quantile(ratios, 0.25), _quantile(ratios, 0.75)
 
 
 def bench_config(problem: Problem, device: torch.device, variants: Sequence[str], repeats: int,
@@ -379,10 +393,19 @@ def bench_config(problem: Problem, device: torch.device, variants: Sequence[str]
         row.p25_ms, row.p75_ms = 1e3 * _quantile(times, 0.25), 1e3 * _quantile(times, 0.75)
         row.min_ms, row.samples = 1e3 * min(times), len(times)
         row.tflops = shape.flops / (row.median_ms * 1e-3) / 1e12
-    for row in rows.values():
+    paired = device.type != "cuda"  # time_cpu's samples are rounds: the i-th of each variant ran side by side
+    for name, row in rows.items():
         for ref, attr, invert in (("eager", "vs_eager", False), ("compile", "vs_compile", False),
                                   ("gemm_floor", "over_floor", True)):
-            if ref in samples and name_timed(row):
+            if ref not in samples or name not in samples:
+                continue
+            if paired:
+                median, p25, p75 = paired_ratio(samples[ref], samples[name], invert)
+                setattr(row, attr, median)
+                if attr in ("vs_compile", "over_floor"):
+                    setattr(row, f"{attr}_p25", p25)
+                    setattr(row, f"{attr}_p75", p75)
+            else:
                 ratio = rows[ref].median_ms / row.median_ms
                 setattr(row, attr, 1 / ratio if invert else ratio)
     if device.type == "cuda":
@@ -537,7 +560,9 @@ def format_table(rows: Sequence[Row]) -> str:
 
 LEGEND = (
     "x eager / x compile: speed-up over the eager (mohammadpz) step and over torch.compile of the torch step "
-    "(>1 is faster); / floor: time over the two bare GEMMs (1.0 is the floor); x eager32: speed-up over the fp32 "
+    "(>1 is faster); / floor: time over the two bare GEMMs (1.0 is the floor); on the CPU these three are medians "
+    "of the per-round ratios (each round times every variant once, side by side; the JSON has their quartiles), on "
+    "CUDA ratios of the medians; x eager32: speed-up over the fp32 "
     "eager step of the same shape; IQR %: interquartile range over the median; peak MiB: CUDA peak above inputs; "
     "model floor (H100), GPU rows only: the roofline model's floor of that work on an H100 SXM (ff_kernels.roofline: "
     "FLOPs and minimal bytes against its peaks), a model, not a measurement. GPU rows also give extra %h, the "

@@ -132,3 +132,15 @@ def test_memory_command_writes_table_csv_json_plot(tmp_path, capsys):
     assert data["environment"]["measurement"].startswith("VmHWM")
     assert all(r["peak_bytes"] > 0 for r in data["rows"])
     assert (tmp_path / "memory.png").exists() == HAVE_MPL
+
+
+def test_cpu_ratios_pair_the_rounds():
+    # The variant's median round (4.4) is the reference's slow round's twin: the ratio of medians would say 0.23x,
+    # the rounds say 0.91x twice out of three.
+    reference, variant = [1.0, 1.0, 4.0], [1.1, 4.4, 4.4]
+    median, p25, p75 = bench.paired_ratio(reference, variant)
+    assert median == pytest.approx(1 / 1.1)
+    assert p25 < median and p75 == pytest.approx(1 / 1.1)
+    assert bench.paired_ratio(reference, variant, invert=True)[0] == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0], [1.0, 2.0])
