@@ -7,6 +7,7 @@ below it trust their inputs. Messages always name the offending argument.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def _check_float_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf; pass check_finite=False to skip this check")
 
 
@@ -74,6 +75,18 @@ def check_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have at least one row and one column; got {tuple(weight.shape)}")
     _check_parameters(weight, bias)
+
+
+def dense_parameters(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inference writes no parameter, so any layout serves it: contiguous copies where they are not (a tied or
+    transposed weight, a module moved to channels-last), checked afterwards as the steps' own parameters are."""
+    if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if isinstance(bias, torch.Tensor) and not bias.is_contiguous():
+        bias = bias.contiguous()
+    return weight, bias
 
 
 def check_conv_weight_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -202,9 +215,11 @@ def check_pos_neg_rows(loss: str, rows_pos: int, rows_neg: int) -> None:
 
 
 def check_labels(
-    labels: torch.Tensor, rows: int, num_classes: int, weight: torch.Tensor, check_finite: bool
+    labels: torch.Tensor, rows: int, num_classes: int, weight: torch.Tensor, check_range: bool
 ) -> torch.Tensor:
-    """Class labels, one per row, as int64; with ``check_finite`` their range is checked too (one reduction)."""
+    """Class labels, one per row, as int64. ``check_range``: check [0, num_classes) here, with one reduction read
+    on the host (CPU labels); the GPU paths check it on the device with their deferred finiteness check instead
+    (``ff_kernels.finite.defer``)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype not in INT_DTYPES:
@@ -213,7 +228,7 @@ def check_labels(
         raise ValueError(f"labels must have shape ({rows},), one label per sample; got {tuple(labels.shape)}")
     if labels.device != weight.device:
         raise ValueError(f"labels is on {labels.device} but weight is on {weight.device}")
-    if check_finite:
+    if check_range and rows and not torch.compiler.is_compiling():  # a traced graph cannot branch on the values
         low, high = (int(v) for v in torch.aminmax(labels))
         if low < 0 or high >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}); got values from {low} to {high}")
@@ -237,7 +252,8 @@ def check_offset(
 
 
 def check_finite_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """Any finite real number (int, float, a numpy scalar), but not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
@@ -270,6 +286,8 @@ def check_step_options(
     check_normalize(normalize, eps)
     for name, value in (("threshold", threshold), ("alpha", alpha)):
         check_finite_number(name, value)
+    if loss == "symba" and alpha <= 0:
+        raise ValueError(f"alpha must be positive for loss='symba' (it scales the margin); got {alpha!r}")
     opts = StepOptions(
         threshold=float(threshold),
         goodness=goodness,
@@ -360,6 +378,11 @@ def check_compute_dtype(compute_dtype: torch.dtype | None, weight: torch.Tensor)
         return weight.dtype
     if compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be a floating dtype; got {compute_dtype}")
+    if (compute_dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise TypeError(
+            f"compute_dtype={compute_dtype} with {weight.dtype} weights: float64 does not mix with the other dtypes "
+            "(float64 weights compute in float64, and float64 compute needs float64 weights)"
+        )
     return compute_dtype
 
 

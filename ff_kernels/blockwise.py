@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ff_kernels._options import check_choice
+from ff_kernels._options import INT_DTYPES, check_choice, check_finite_number
 from ff_kernels.heads import class_goodness, class_goodness_loss
+from ff_kernels.nn import check_backend, check_batch_size
 
 MODELS = ("small_cnn", "resnet18", "mobilenet_v3_small")
 TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")
@@ -120,13 +121,23 @@ class _Trainer(nn.Module):
         self.eval()
         h = self.prepare(torch.zeros(2, *self.sample_shape))
         shapes = []
-        for block in self.blocks:
-            h = block(h)
+        for i, block in enumerate(self.blocks):
+            try:
+                h = block(h)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"sample_shape={self.sample_shape} does not fit the blocks: block {i} cannot take input of shape "
+                    f"{tuple(h.shape[1:])} ({err})"
+                ) from err
             shapes.append(tuple(h.shape[1:]))
         self.train(was_training)
         return shapes
 
-    def check_data(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def check_data(self, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1) -> None:
+        """The public methods' checks of their arguments, once per call: x finite floating samples of
+        ``sample_shape`` (any float dtype: :meth:`prepare` casts each batch to the parameters'), y integer labels
+        in range, one per sample, and a positive batch size."""
+        check_batch_size(batch_size)
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.sample_shape or x.shape[0] == 0:
             raise ValueError(
                 f"x must be a non-empty (samples, {', '.join(map(str, self.sample_shape))}) tensor; got "
@@ -134,10 +145,13 @@ class _Trainer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor; got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
         if y is None:
             return
-        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex():
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {getattr(y, 'shape', y)}")
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= self.num_classes:
             raise ValueError(f"y must hold labels in [0, {self.num_classes}); got values from {low} to {high}")
@@ -145,8 +159,6 @@ class _Trainer(nn.Module):
     def batches(self, rows: int, batch_size: int) -> list[torch.Tensor]:
         """A seeded permutation in batches of ``batch_size``; a last, partial batch is dropped when there is a full
         one (BatchNorm needs more than one sample, and every step then sees the same batch size)."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive; got {batch_size}")
         chunks = list(torch.randperm(rows, generator=self.generator).split(batch_size))
         return chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) < batch_size else chunks
 
@@ -159,11 +171,11 @@ class _Trainer(nn.Module):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A batch on the trainer's device, channels-last for conv nets (oneDNN and cuDNN then need no layout copy
         of each activation: on the CPU one activation-sized tensor less in a block's backward)."""
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, next(self.parameters()).dtype, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, transform: Transform | None):
-        xb, yb = x[rows].to(self.device, non_blocking=True), y[rows].to(self.device, non_blocking=True)
+        xb, yb = x[rows].to(self.device, non_blocking=True), y[rows].to(self.device, torch.int64, non_blocking=True)
         return self.prepare(xb if transform is None else transform(xb)), yb
 
     def class_scores(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -173,6 +185,7 @@ class _Trainer(nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+        self.check_data(x, y, batch_size)
         return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
 
     @classmethod
@@ -235,8 +248,10 @@ class BlockwiseFF(_Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(blocks, num_classes, sample_shape=sample_shape, **kwargs)
-        if not temperature > 0 or not math.isfinite(temperature):
+        check_finite_number("temperature", temperature)
+        if temperature <= 0:
             raise ValueError(f"temperature must be a positive number; got {temperature!r}")
+        check_backend(backend, "class_goodness_loss", "class_goodness")
         self.temperature, self.normalize, self.backend = float(temperature), bool(normalize), backend
         self.predict_mode = check_choice("predict", predict, PREDICT)
         with torch.random.fork_rng(devices=[]):
@@ -336,7 +351,7 @@ class BlockwiseFF(_Trainer):
         from tqdm.auto import tqdm
 
         check_choice("schedule", schedule, SCHEDULES)
-        self.check_data(x, y)
+        self.check_data(x, y, batch_size)
         if epochs <= 0:
             raise ValueError(f"epochs must be positive; got {epochs}")
         stages = [None] if schedule == "simultaneous" else list(range(len(self.blocks)))
@@ -364,7 +379,7 @@ class BlockwiseFF(_Trainer):
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """(n, K): the mean over the blocks of softmax(g / tau), or the last block's (``predict="last"``)."""
-        self.check_data(x)
+        self.check_data(x, batch_size=batch_size)
         was_training = self.training
         self.eval()
         first = 0 if self.predict_mode == "mean" else len(self.blocks) - 1
@@ -426,7 +441,7 @@ class BackpropBaseline(_Trainer):
         """Train on x and y as :meth:`BlockwiseFF.fit`; returns the mean loss per epoch."""
         from tqdm.auto import tqdm
 
-        self.check_data(x, y)
+        self.check_data(x, y, batch_size)
         if epochs <= 0:
             raise ValueError(f"epochs must be positive; got {epochs}")
         (scheduler,) = self.schedulers([self.optimizer], epochs, len(self.batches(x.shape[0], batch_size)))
@@ -444,7 +459,7 @@ class BackpropBaseline(_Trainer):
     @torch.no_grad()
     def class_scores(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """(n, K): softmax of the logits."""
-        self.check_data(x)
+        self.check_data(x, batch_size=batch_size)
         was_training = self.training
         self.eval()
         scores = []

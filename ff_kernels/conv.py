@@ -13,7 +13,14 @@ import torch
 
 from ff_kernels import _options as checks
 from ff_kernels import finite
-from ff_kernels.functional import FINITE_DEFERRED, FINITE_SCAN, Route, call_step, check_optimizer, route_for
+from ff_kernels.functional import (
+    FINITE_DEFERRED,
+    FINITE_SCAN,
+    Route,
+    call_step,
+    check_optimizer,
+    route_for,
+)
 from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFClassStepOutput, FFStepOutput
 
@@ -119,8 +126,8 @@ def ff_conv2d_class_step(
 
     Args:
         x: (B, C_in, H, W), B > 0. labels: (B,) integers in [0, num_classes).
-        check_finite: as ``ff_linear_step``; on the CPU it also checks the labels' range (on a GPU an
-            out-of-range label fails in the loss's gather, as it does in ``F.cross_entropy``).
+        check_finite: as ``ff_linear_step``. The labels' range is checked whatever it says: at once on the CPU,
+            with the deferred finiteness check on the GPU paths (``ff_kernels.finite``).
         Others as :func:`ff_conv2d_step`.
 
     Returns:
@@ -144,9 +151,9 @@ def ff_conv2d_class_step(
         channels=weight.shape[0],
         positions=out_h * out_w,
     )
-    labels = checks.check_labels(labels, x.shape[0], num_classes, weight, scan)
+    labels = checks.check_labels(labels, x.shape[0], num_classes, weight, weight.device.type == "cpu")
     check_optimizer(optimizer, weight, bias)
-    _defer_finite(check_finite, route, weight, x=x)
+    _defer_finite(check_finite, route, weight, labels, num_classes, x=x)
     args = (x, labels, weight, bias, opts, geometry)
     return call_step(route, args, weight, bias, optimizer, compute, False)
 
@@ -185,9 +192,9 @@ def ff_linear_class_step(
         channels=weight.shape[0],
         positions=1,
     )
-    labels = checks.check_labels(labels, x.shape[0], num_classes, weight, scan)
+    labels = checks.check_labels(labels, x.shape[0], num_classes, weight, weight.device.type == "cpu")
     check_optimizer(optimizer, weight, bias)
-    _defer_finite(check_finite, route, weight, x=x)
+    _defer_finite(check_finite, route, weight, labels, num_classes, x=x)
     args = (x, labels, weight, bias, opts)
     return call_step(route, args, weight, bias, optimizer, compute, False)
 
@@ -211,6 +218,7 @@ def ff_conv2d_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference (GEMM 1 alone): h = relu(r_b conv2d(x, W) + b) and its goodness in float32, per sample (B,) or,
     with ``num_classes``, per (sample, class group) (B, num_classes), with the kappa of the matching step."""
+    weight, bias = checks.dense_parameters(weight, bias)
     checks.check_conv_weight_bias(weight, bias)
     compute = checks.check_compute_dtype(compute_dtype, weight)
     geometry = checks.check_conv_geometry(stride, padding, dilation)
@@ -239,10 +247,14 @@ def ff_conv2d_forward(
     return h, g.to(torch.promote_types(g.dtype, torch.float32))
 
 
-def _defer_finite(check_finite: bool, route: Route, weight: torch.Tensor, **named: torch.Tensor | None) -> None:
-    """On the GPU paths, fold the inputs into ``ff_kernels.finite``'s device-side check (no host sync)."""
-    if check_finite and route.finite == FINITE_DEFERRED:
-        finite.defer(weight.device, named.items())
+def _defer_finite(check_finite: bool, route: Route, weight: torch.Tensor, labels: torch.Tensor | None = None,
+                  num_classes: int = 0, **named: torch.Tensor | None) -> None:
+    """On the GPU paths, fold the inputs (with ``check_finite``) and the labels' range (always) into
+    ``ff_kernels.finite``'s device-side check (no host sync)."""
+    if route.finite == FINITE_DEFERRED:
+        on_device = labels if weight.device.type != "cpu" else None  # on the CPU, checked at once
+        if check_finite or on_device is not None:
+            finite.defer(weight.device, named.items() if check_finite else (), on_device, num_classes)
 
 
 def _check_not_empty(x: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ channels, is an option.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,10 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ff_kernels._options import GOODNESS, LOSSES, NORMALIZE, check_choice, check_conv_geometry, check_pair
+from ff_kernels._options import (
+    INT_DTYPES,
+    LOSSES,
+    ConvGeometry,
+    check_choice,
+    check_class_options,
+    check_compute_dtype,
+    check_conv_geometry,
+    check_pair,
+    check_step_options,
+)
 from ff_kernels.blockwise import LR_SCHEDULES, lr_factor
 from ff_kernels.conv import IntPair, ff_conv2d_class_step, ff_conv2d_forward, ff_conv2d_step
 from ff_kernels.net import NEGATIVES, SCHEDULES
+from ff_kernels.nn import check_backend, check_batch_size, positive_int
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import StepOutput
 
@@ -32,8 +44,9 @@ class FFConv2d(nn.Module):
 
     ``loss="class"``: the output channels form ``num_classes`` contiguous groups and the layer learns from a batch
     and its labels; ``"logistic"`` or ``"symba"``: from a positive and a negative batch (the label travels in the
-    input). ``layer(x)`` returns h (no gradient flows: FF trains layer-locally), ``layer.goodness(x)`` the goodness
-    per sample, or per (sample, class) for the class loss, and ``layer.train_step(...)`` one fused step.
+    input, so these take no ``num_classes``). ``layer(x)`` returns h (no gradient flows: FF trains layer-locally),
+    ``layer.goodness(x)`` the goodness per sample, or per (sample, class) for the class loss, and
+    ``layer.train_step(...)`` one fused step.
     ``normalize`` defaults to the step functions' defaults: "none" for the class loss, "l2" otherwise. Parameters
     are initialised as ``nn.Conv2d``'s.
     """
@@ -63,12 +76,31 @@ class FFConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(f"in_channels and out_channels must be positive; got {in_channels}, {out_channels}")
-        self.loss = check_choice("loss", loss, CONV_LOSSES)
-        if loss == "class" and (num_classes is None or num_classes < 2 or out_channels % num_classes):
+        if not (positive_int(in_channels) and positive_int(out_channels)):
             raise ValueError(
-                f"loss='class' needs num_classes >= 2 dividing out_channels={out_channels}; got {num_classes!r}"
+                f"in_channels and out_channels must be positive integers; got {in_channels!r}, {out_channels!r}"
+            )
+        in_channels, out_channels = int(in_channels), int(out_channels)
+        self.loss = check_choice("loss", loss, CONV_LOSSES)
+        normalize = normalize or ("none" if loss == "class" else "l2")
+        if loss == "class":
+            if not positive_int(num_classes) or num_classes < 2 or out_channels % num_classes:
+                raise ValueError(
+                    f"loss='class' needs num_classes >= 2 dividing out_channels={out_channels}; got {num_classes!r}"
+                )
+            check_class_options(
+                num_classes=num_classes, goodness=goodness, temperature=temperature, normalize=normalize, eps=eps,
+                channels=out_channels, positions=1,
+            )
+        elif num_classes is not None:
+            raise ValueError(
+                f"num_classes applies to the class-goodness loss (loss='class') only; got num_classes={num_classes!r} "
+                f"with loss={loss!r}, whose label travels in the input"
+            )
+        else:
+            check_step_options(
+                threshold=threshold, goodness=goodness, loss=loss, normalize=normalize, eps=eps, alpha=alpha,
+                out_features=out_channels,
             )
         kernel = check_pair("kernel_size", kernel_size, 1)
         geometry = check_conv_geometry(stride, padding, dilation)
@@ -76,12 +108,12 @@ class FFConv2d(nn.Module):
         self.stride, self.padding, self.dilation = geometry.stride, geometry.padding, geometry.dilation
         self.num_classes = num_classes if loss == "class" else None
         self.threshold, self.temperature, self.eps, self.alpha = threshold, temperature, eps, alpha
-        self.goodness_kind = check_choice("goodness", goodness, GOODNESS)
-        default_normalize = "none" if loss == "class" else "l2"
-        self.normalize = check_choice("normalize", normalize or default_normalize, NORMALIZE)
+        self.goodness_kind, self.normalize = goodness, normalize
+        check_backend(backend, "conv2d_class_step" if loss == "class" else "conv2d_step", "conv2d_forward")
         self.backend, self.compute_dtype, self.check_finite = backend, compute_dtype, check_finite
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *kernel, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        check_compute_dtype(compute_dtype, self.weight)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,18 +246,25 @@ class FFConvNet(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        channels = list(channels)
+        if not positive_int(in_channels) or not channels or not all(positive_int(c) for c in channels):
+            raise ValueError(
+                f"in_channels and channels must be positive integers, with at least one layer; got {in_channels!r}, "
+                f"{channels!r}"
+            )
         channels = [int(c) for c in channels]
-        if in_channels <= 0 or not channels or min(channels) <= 0:
-            raise ValueError(f"in_channels and channels must be positive, with at least one layer; got {channels}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+        if not positive_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2; got {num_classes!r}")
         check_choice("loss", loss, CONV_LOSSES)
         check_choice("negatives", negatives, NEGATIVES)
         check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
         check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         check_choice("next_norm", next_norm, NEXT_NORMS)
         pools = [bool(pool)] * len(channels) if isinstance(pool, bool) else [bool(p) for p in pool]
-        kernels = [int(kernel_size)] * len(channels) if isinstance(kernel_size, int) else [int(k) for k in kernel_size]
+        kernels = list(kernel_size) if isinstance(kernel_size, Sequence) else [kernel_size] * len(channels)
+        if not all(positive_int(k) for k in kernels):
+            raise ValueError(f"kernel_size must be a positive integer or one per layer; got {kernel_size!r}")
+        kernels = [int(k) for k in kernels]
         for name, values in (("pool", pools), ("kernel_size", kernels)):
             if len(values) != len(channels):
                 raise ValueError(f"{name} lists {len(values)} layers but channels lists {len(channels)}")
@@ -328,18 +367,52 @@ class FFConvNet(nn.Module):
         return (labels + shift) % self.num_classes
 
     def _check_data(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """The public methods' checks of their data, once per call: x finite images that every layer and pool can
+        take, y integer labels in range, one per image."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must be a (samples, {self.in_channels}, height, width) tensor; got {getattr(x, 'shape', type(x))}"
             )
         if x.shape[0] == 0:
             raise ValueError("x is empty")
+        problem = self._size_problem(tuple(x.shape[2:]))
+        if problem is not None:
+            smallest = next(n for n in itertools.count(1) if self._size_problem((n, n)) is None)
+            raise ValueError(
+                f"x images of {x.shape[2]}x{x.shape[3]} do not fit this network: {problem}; it takes images of at "
+                f"least {smallest}x{smallest}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
         if y is None:
             return
-        if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {y.dtype} {tuple(y.shape)}")
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
             raise ValueError(f"y must hold labels in [0, {self.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+
+    def _size_problem(self, size: tuple[int, int]) -> str | None:
+        """Why images of ``size`` (height, width) cannot pass through the layers and pools, or None."""
+        for i, layer in enumerate(self.layers):
+            geometry = ConvGeometry(layer.stride, layer.padding, layer.dilation)
+            out = geometry.output_size(size, layer.kernel_size)
+            if min(out) <= 0:
+                kernel = "x".join(map(str, layer.kernel_size))
+                return (
+                    f"layer {i + 1}'s {kernel} kernel with padding={layer.padding} would turn its {size[0]}x{size[1]} "
+                    f"input into {out[0]}x{out[1]}"
+                )
+            if i + 1 == len(self.layers):
+                return None
+            if self.pool[i]:
+                if min(out) < 2:
+                    return f"layer {i + 1}'s {out[0]}x{out[1]} output is too small for its 2x2 max-pool"
+                out = (out[0] // 2, out[1] // 2)
+            if self.next_norm == "instance" and out == (1, 1):
+                return f"layer {i + 1}'s output has one position, which next_norm='instance' would erase"
+            size = out
+        return None
 
     def fit(
         self,
@@ -364,11 +437,10 @@ class FFConvNet(nn.Module):
 
         check_choice("schedule", schedule, SCHEDULES)
         self._check_data(x, y)
+        check_batch_size(batch_size, allow_none=True)
         if epochs <= 0:
             raise ValueError(f"epochs must be positive; got {epochs}")
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be positive or None (full batch); got {batch_size}")
-        x, y = x.to(self.device, self.layers[0].weight.dtype), y.to(self.device).long()
+        x, y = x.to(self.device, self.layers[0].weight.dtype), y.to(self.device, torch.int64)
         if self.loss != "class":
             self.label_value.fill_(float(x.max()))
         history: list[list[float]] = [[] for _ in self.layers]
@@ -409,16 +481,19 @@ class FFConvNet(nn.Module):
         else:
             inputs = (self.with_labels(x, y), self.with_labels(x, self.negative_labels(y)))
         outs = []
-        for i, layer in enumerate(self.layers[: len(self.layers) if only is None else only + 1]):
+        count = len(self.layers) if only is None else only + 1
+        for i, layer in enumerate(self.layers[:count]):
             if only is not None and i < only:
                 inputs = tuple(self.next_input(i, layer(t)) for t in inputs)
                 continue
             if self.loss == "class":
                 out = layer.train_step(inputs[0], y, self.optimizers[i])
-                inputs = (self.next_input(i, out.h),)
+                h: tuple[torch.Tensor, ...] = (out.h,)
             else:
                 out = layer.train_step(inputs[0], inputs[1], self.optimizers[i])
-                inputs = (self.next_input(i, out.h_pos), self.next_input(i, out.h_neg))
+                h = (out.h_pos, out.h_neg)
+            if i + 1 < count:  # the last layer's output feeds nothing: no pool or normalisation of it
+                inputs = tuple(self.next_input(i, t) for t in h)
             outs.append((i, out))
         return outs
 
@@ -427,6 +502,7 @@ class FFConvNet(nn.Module):
         """(samples, num_classes): the class goodness summed over the layers (all, or all but the first); for the
         positive/negative losses, the goodness summed over the layers with each candidate label in the input."""
         self._check_data(x)
+        check_batch_size(batch_size)
         first = 1 if self.predict_skip_first else 0
         scores = torch.zeros(x.shape[0], self.num_classes, device=self.device)
         for start in range(0, x.shape[0], batch_size):
@@ -453,6 +529,7 @@ class FFConvNet(nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+        self._check_data(x, y)
         return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
 
     def save(self, path: str) -> None:

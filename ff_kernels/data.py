@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import numbers
 import os
 import pickle
 import tarfile
@@ -108,10 +109,19 @@ class Dataset:
         )
 
 
+def _check_type(name: str, value: object, kind: type | tuple[type, ...], what: str) -> None:
+    """Argument types at the public boundary, so a wrong one is named instead of failing deep inside (a bool is
+    no number here)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}; got {value!r}")
+
+
 def load_digits(test_fraction: float = 0.25, seed: int = 0, *, images: bool = False) -> Dataset:
     """Load scikit-learn's bundled 8x8 digits (1797 samples, 64 features, or 1x8x8 images with ``images``): a tiny
     MNIST stand-in that needs no download, so examples and smoke tests run anywhere. The split is a seeded
     permutation, identical per ``seed``."""
+    _check_type("test_fraction", test_fraction, numbers.Real, "a number")
+    _check_type("seed", seed, numbers.Integral, "an integer")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
     try:
@@ -260,6 +270,7 @@ def load_mnist(data_dir: PathLike, flatten: bool = True, *, images: bool = False
     Files may be plain or ``.gz``. Images are scaled to [0, 1] and, with ``flatten``, reshaped to 784 features;
     with ``flatten=False`` they stay (n, 28, 28); ``images=True`` gives (n, 1, 28, 28) for conv layers. Nothing is
     downloaded: missing files raise FileNotFoundError."""
+    _check_type("data_dir", data_dir, (str, os.PathLike), "a folder path")
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise FileNotFoundError(
@@ -350,6 +361,7 @@ def load_cifar10(data_dir: PathLike, *, images: bool = False) -> Dataset:
 
     50000 train and 10000 test images scaled to [0, 1]: (n, 3072) rows (channel-major, as stored) or, with
     ``images``, (n, 3, 32, 32). Nothing is downloaded: missing files raise FileNotFoundError naming them."""
+    _check_type("data_dir", data_dir, (str, os.PathLike), "a folder path")
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise FileNotFoundError(
@@ -373,6 +385,7 @@ def load_dataset(name: str, data_dir: PathLike | None = None, *, images: bool = 
 
     ``"digits"`` needs nothing (``kw`` go to ``load_digits``); ``"mnist"`` and ``"cifar10"`` need ``data_dir``
     (``kw`` go to their loaders). ``images=True`` gives (n, channels, height, width) samples for conv layers."""
+    _check_type("name", name, str, f"a dataset name ({', '.join(DATASETS)})")
     key = name.strip().lower()
     if key == "digits":
         return load_digits(images=images, **kw)  # type: ignore[arg-type]

@@ -21,6 +21,8 @@ class Implementation:
     ``compute_dtype=`` (matrix products in another dtype than the weight's). ``checks_finite``: it takes
     ``check_finite=`` and scans the inputs itself on CPU tensors, inside its first pass (``ff_kernels.finite``).
     ``auto``: ``backend="auto"`` may pick it; a correct but slow route (asked for by name only) sets it False.
+    ``float64``: it keeps DESIGN's float64 contract (the Triton layer kernels accumulate in fp32: they do not, and
+    ``auto`` passes them by for float64 weights).
     """
 
     target: str
@@ -28,6 +30,7 @@ class Implementation:
     compute_dtype: bool = False
     checks_finite: bool = False
     auto: bool = True
+    float64: bool = True
 
     def load(self) -> Callable:
         module, name = self.target.split(":")
@@ -38,7 +41,7 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
     ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
     ("linear_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.ops:ff_linear_step_triton_checked", fuses_update=True
+        "ff_kernels.ops.triton.ops:ff_linear_step_triton_checked", fuses_update=True, float64=False
     ),
     ("linear_step", "cuda"): Implementation(
         "ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True, compute_dtype=True, checks_finite=True
@@ -47,7 +50,7 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_forward", "torch"): Implementation(
         "ff_kernels.ops.torch_step:ff_linear_forward_torch", compute_dtype=True
     ),
-    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_forward_triton"),
+    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_forward_triton", float64=False),
     ("linear_forward", "cuda"): Implementation(
         "ff_kernels.ops.cuda_step:ff_linear_forward_cuda", compute_dtype=True, checks_finite=True
     ),
@@ -58,7 +61,7 @@ TABLE: dict[tuple[str, str], Implementation] = {
     # Through the conv class step on 1x1 images: one sample per row tile, correct but slow on a GPU, so ``auto``
     # keeps the torch backend (cuBLAS) there.
     ("linear_class_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True, auto=False
+        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True, auto=False, float64=False
     ),
     ("conv2d_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_step_ref"),
     ("conv2d_step", "torch"): Implementation("ff_kernels.ops.torch_conv:ff_conv2d_step_torch", compute_dtype=True),
@@ -71,12 +74,14 @@ TABLE: dict[tuple[str, str], Implementation] = {
         "ff_kernels.ops.torch_conv:ff_conv2d_forward_torch", compute_dtype=True
     ),
     ("conv2d_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_conv2d_step_triton", fuses_update=True
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_step_triton", fuses_update=True, float64=False
     ),
     ("conv2d_class_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True, float64=False
     ),
-    ("conv2d_forward", "triton"): Implementation("ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton"),
+    ("conv2d_forward", "triton"): Implementation(
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton", float64=False
+    ),
     # CPU tensors only: the torch closed form with the extension's fused goodness pass (ops/cpu_conv.py).
     ("linear_class_step", "cuda"): Implementation(
         "ff_kernels.ops.cpu_conv:ff_linear_class_step_cpu", compute_dtype=True

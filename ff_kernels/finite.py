@@ -14,6 +14,9 @@ Where the check happens (``ff_kernels.functional`` decides, per backend and devi
   ...")`` then. By that time the steps in between have run, so the parameters may already hold NaN;
   :func:`check_now` reads the pending results at once (at the end of an epoch, say) and ``set_interval(1)``
   restores a check at every step.
+
+The class steps' labels ride on the same read on the GPU paths: their range [0, num_classes) is checked whatever
+``check_finite`` says (on the CPU at once, by ``_options.check_labels``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class _Pending:
 
 _pending: dict[torch.device, _Pending] = {}
 
+# The problem a labels entry names (the finiteness entries name their argument).
+_LABELS_PREFIX = "labels must lie in [0, "
+
 
 def interval() -> int:
     """Steps between two reads of a device's results."""
@@ -54,8 +60,13 @@ def set_interval(steps: int) -> None:
     _interval = steps
 
 
-def defer(device: torch.device, named: Iterable[tuple[str, torch.Tensor | None]]) -> None:
-    """Queue this step's check of its arguments on ``device``; every :func:`interval` steps, read the queue."""
+def defer(device: torch.device, named: Iterable[tuple[str, torch.Tensor | None]],
+          labels: torch.Tensor | None = None, num_classes: int = 0) -> None:
+    """Queue this step's check of its arguments on ``device``; every :func:`interval` steps, read the queue.
+
+    ``labels``: a class step's labels, whose range [0, num_classes) is checked with the rest (a value that is
+    infinite exactly where one lies outside), whatever ``check_finite`` says: a wrong label is no matter of
+    finiteness, and the kernels would match it to no class."""
     pending = _pending.get(device)
     if pending is None:
         pending = _pending[device] = _Pending()
@@ -67,6 +78,9 @@ def defer(device: torch.device, named: Iterable[tuple[str, torch.Tensor | None]]
     if tensors:
         pending.names += names
         pending.norms += torch._foreach_norm(tensors, math.inf)
+    if labels is not None and labels.numel():
+        pending.names.append(f"{_LABELS_PREFIX}{num_classes})")
+        pending.norms.append(torch.where(((labels < 0) | (labels >= num_classes)).any(), math.inf, 0.0))
     pending.steps += 1
     if pending.steps >= _interval:
         check_now(device)
@@ -97,6 +111,7 @@ def defer_step(
 _BATCH_NAMES = ("x_pos", "x_neg")
 
 
+
 def check_now(device: torch.device | None = None) -> None:
     """Read the pending results of ``device`` (every device if None) and raise ValueError for a non-finite one."""
     for dev in [d for d in _pending if device is None or d == device]:
@@ -105,9 +120,10 @@ def check_now(device: torch.device | None = None) -> None:
             continue
         values = torch.stack(pending.norms).tolist()  # the one host synchronisation
         bad = next((name for name, value in zip(pending.names, values) if not math.isfinite(value)), None)
-        if bad is not None:
-            raise ValueError(
-                f"{bad} contains NaN or inf in one of the last {pending.steps} steps on {dev} (checked on the "
-                f"device and read every {_interval} steps, so the steps since may have used it; pass "
-                "check_finite=False to skip this check, or see ff_kernels.finite)"
-            )
+        if bad is None:
+            continue
+        where = (f"in one of the last {pending.steps} steps on {dev} (checked on the device and read every "
+                 f"{_interval} steps, so the steps since may have used it; see ff_kernels.finite)")
+        if bad.startswith(_LABELS_PREFIX):
+            raise ValueError(f"{bad}; a label outside it was passed {where}")
+        raise ValueError(f"{bad} contains NaN or inf {where}; pass check_finite=False to skip this check")

@@ -26,8 +26,8 @@ from ff_kernels.backends import resolve_backend, warn_if_slow_bf16
 from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFStepOutput, StepOutput
 
-# How check_finite is honoured on a route (ff_kernels.finite).
-FINITE_IN_OP, FINITE_SCAN, FINITE_DEFERRED = "in_op", "scan", "deferred"
+# How check_finite is honoured on a route (ff_kernels.finite); meta tensors have no values to check.
+FINITE_IN_OP, FINITE_SCAN, FINITE_DEFERRED, FINITE_NONE = "in_op", "scan", "deferred", "none"
 
 
 class Route(NamedTuple):
@@ -118,6 +118,13 @@ def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, de
     name = resolve_backend(backend, device)
     if (op, name) not in dispatch.TABLE or (backend == "auto" and not dispatch.TABLE[(op, name)].auto):
         name = "torch"
+    if dtype == torch.float64 and not dispatch.TABLE[(op, name)].float64:
+        if backend != "auto":
+            raise TypeError(
+                f"weight is torch.float64; backend={name!r} takes float32, bfloat16 or float16 for {op} (float64 "
+                "runs on backend='torch' or 'reference')"
+            )
+        name = "torch"
     if compute != dtype and not dispatch.TABLE[(op, name)].compute_dtype:
         supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]
         if backend != "auto":
@@ -128,7 +135,9 @@ def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, de
         name = resolve_backend(supporting[0], device)
     warn_if_slow_bf16(device, compute)
     entry, fn = dispatch.implementation(op, name)
-    if device.type == "cpu" and name != "triton":
+    if device.type == "meta":
+        mode = FINITE_NONE
+    elif device.type == "cpu" and name != "triton":
         mode = FINITE_IN_OP if entry.checks_finite else FINITE_SCAN
     else:
         mode = FINITE_DEFERRED
@@ -270,6 +279,7 @@ def ff_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference (GEMM 1 alone): h = relu(r * (x @ W^T) + b) and goodness g (float32), DESIGN 1.1-1.3; options as
     in :func:`ff_linear_step`."""
+    weight, bias = opt_checks.dense_parameters(weight, bias)
     opt_checks.check_weight_bias(weight, bias)
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_forward", backend, compute, weight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ff_kernels import _options as checks
+from ff_kernels import finite
 from ff_kernels.functional import resolve_for
 
 
@@ -37,8 +38,9 @@ def class_goodness_loss(
         temperature: tau > 0.
         backend: "auto", "reference" (autograd over plain ops), "torch" (closed-form backward in a custom op)
             or "triton" (fused kernels, ``ff_kernels.ops.triton.class_goodness``).
-        check_finite: scan h for NaN/inf and the labels' range (a host sync each); trainers that check their data
-            once pass False.
+        check_finite: scan h for NaN/inf (a host sync on a GPU); trainers that check their data once pass False.
+            The labels' range is checked whatever it says: at once on the CPU, with the deferred finiteness check
+            on a GPU (``ff_kernels.finite``).
 
     Returns:
         The 0-dim loss, float32 (float64 for float64 h).
@@ -47,7 +49,10 @@ def class_goodness_loss(
     checks.check_finite_number("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive; got {temperature!r}")
-    labels = checks.check_labels(labels, h.shape[0], weight.shape[0], head_weight, check_finite)
+    on_host = h.device.type == "cpu"
+    labels = checks.check_labels(labels, h.shape[0], weight.shape[0], head_weight, on_host)
+    if not on_host and h.device.type != "meta":
+        finite.defer(h.device, (), labels, weight.shape[0])
     _, loss = resolve_for("class_goodness_loss", backend, head_weight.dtype, head_weight)
     return loss(h, weight, head_bias, labels, float(temperature))
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ff_kernels._options import check_choice
-from ff_kernels.nn import FFLinear
+from ff_kernels._options import INT_DTYPES, check_choice
+from ff_kernels.nn import FFLinear, check_batch_size, positive_int
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
@@ -66,11 +66,14 @@ class FFNet(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        dims = list(dims)
+        if len(dims) < 2 or not all(positive_int(d) for d in dims):
+            raise ValueError(
+                f"dims must list the input size and at least one layer width, all positive integers; got {dims}"
+            )
         dims = [int(d) for d in dims]
-        if len(dims) < 2 or min(dims) <= 0:
-            raise ValueError(f"dims must list the input size and at least one layer width, all positive; got {dims}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2; got {num_classes}")
+        if not positive_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2; got {num_classes!r}")
         self.overlay = check_choice("overlay", overlay, OVERLAYS)
         self.negatives = check_choice("negatives", negatives, NEGATIVES)
         if collab is not None:
@@ -160,16 +163,21 @@ class FFNet(nn.Module):
         return (labels.cpu() + shift) % self.num_classes
 
     def _check_data(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """The public methods' checks of their data, once per call: x finite rows of dims[0] features, y integer
+        labels in range, one per row."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"x must be a 2-D tensor (samples, features); got {getattr(x, 'shape', type(x))}")
         if x.shape[1] != self.config["dims"][0]:
             raise ValueError(f"x has {x.shape[1]} features but dims[0]={self.config['dims'][0]}")
         if x.shape[0] == 0:
             raise ValueError("x is empty")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
         if y is None:
             return
-        if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {y.dtype} {tuple(y.shape)}")
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
             raise ValueError(f"y must hold labels in [0, {self.num_classes}); got [{int(y.min())}, {int(y.max())}]")
 
@@ -200,10 +208,9 @@ class FFNet(nn.Module):
 
         check_choice("schedule", schedule, SCHEDULES)
         self._check_data(x, y)
+        check_batch_size(batch_size, allow_none=True)
         if epochs <= 0:
             raise ValueError(f"epochs must be positive; got {epochs}")
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be positive or None (full batch); got {batch_size}")
         self.overlay_value.fill_(float(x.max()))
         y = y.long()
         history: list[list[float]] = [[] for _ in self.layers]
@@ -306,6 +313,7 @@ class FFNet(nn.Module):
     def label_goodness(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """(samples, num_classes): the goodness summed over layers for each candidate label."""
         self._check_data(x)
+        check_batch_size(batch_size)
         first = 1 if self.predict_skip_first else 0
         scores = torch.zeros(x.shape[0], self.num_classes, device=self.device)
         for start in range(0, x.shape[0], batch_size):
@@ -323,6 +331,7 @@ class FFNet(nn.Module):
         return self.label_goodness(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
+        self._check_data(x, y)
         return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
 
     def save(self, path: str) -> None:

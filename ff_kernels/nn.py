@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
-from ff_kernels._options import GOODNESS, LOSSES, NORMALIZE, check_choice
+from ff_kernels import dispatch
+from ff_kernels._options import BACKENDS, check_choice, check_compute_dtype, check_step_options
 from ff_kernels.functional import ff_linear_forward, ff_linear_step
 from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFStepOutput
+
+
+def positive_int(value: object) -> bool:
+    """Whether ``value`` is a count: a positive integer (numpy's too), not a bool or a float."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
+
+
+def check_batch_size(batch_size: object, allow_none: bool = False) -> None:
+    """The batch size of fit, predict and accuracy: zero or a negative one would loop not at all or forever."""
+    if not (positive_int(batch_size) or (allow_none and batch_size is None)):
+        full = " or None (full batch)" if allow_none else ""
+        raise ValueError(f"batch_size must be positive: an integer >= 1{full}; got {batch_size!r}")
+
+
+def check_backend(backend: str, *ops: str) -> None:
+    """A backend name that implements ``ops``, checked at construction with the messages the calls give (whether
+    it is usable depends on the device, so that waits for the first call)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend != "auto":
+        for op in ops:
+            dispatch.spec(op, backend)
 
 
 class FFLinear(nn.Module):
@@ -40,16 +63,22 @@ class FFLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features and out_features must be positive; got {in_features}, {out_features}")
-        self.in_features, self.out_features = in_features, out_features
+        if not (positive_int(in_features) and positive_int(out_features)):
+            raise ValueError(
+                f"in_features and out_features must be positive integers; got {in_features!r}, {out_features!r}"
+            )
+        check_step_options(
+            threshold=threshold, goodness=goodness, loss=loss, normalize=normalize, eps=eps, alpha=alpha,
+            out_features=out_features,
+        )
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.threshold, self.eps, self.alpha = threshold, eps, alpha
-        self.goodness_kind = check_choice("goodness", goodness, GOODNESS)
-        self.loss = check_choice("loss", loss, LOSSES)
-        self.normalize = check_choice("normalize", normalize, NORMALIZE)
+        self.goodness_kind, self.loss, self.normalize = goodness, loss, normalize
+        check_backend(backend, "linear_step", "linear_forward")
         self.backend, self.compute_dtype, self.check_finite = backend, compute_dtype, check_finite
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
+        check_compute_dtype(compute_dtype, self.weight)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -9,7 +9,8 @@ dtype; a low-precision parameter is updated in float32 and rounded once when sto
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -29,10 +30,48 @@ def state_buffer(state: dict[str, Any], key: str, param: torch.Tensor) -> tuple[
     return state[key], True
 
 
+def _real(value: Any, low: float, high: float, high_closed: bool = False) -> bool:
+    """Whether ``value`` is a real number (not a bool) in [low, high), or [low, high] if ``high_closed``; NaN fails
+    every comparison and inf the open bound, so the number is finite."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return low <= value <= high if high_closed else low <= value < high
+
+
+# every hyper-parameter: what its error says it must be, and the test (torch.optim's ranges, and finite)
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "lr": ("be a non-negative number (finite)", lambda v: _real(v, 0.0, math.inf)),
+    "momentum": ("be non-negative (finite)", lambda v: _real(v, 0.0, math.inf)),
+    "dampening": ("be in [0, 1]", lambda v: _real(v, 0.0, 1.0, high_closed=True)),
+    "weight_decay": ("be non-negative (finite)", lambda v: _real(v, 0.0, math.inf)),
+    "nesterov": ("be a bool", lambda v: isinstance(v, bool)),
+    "betas": (
+        "lie in [0, 1) as a pair (beta1, beta2)",
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_real(b, 0.0, 1.0) for b in v),
+    ),
+    "eps": ("be non-negative (finite)", lambda v: _real(v, 0.0, math.inf)),
+}
+
+
+def check_hyper(name: str, value: Any) -> Any:
+    """``value`` as float(s) (a bool for ``nesterov``) once it passes ``RULES[name]``; a ValueError otherwise."""
+    rule, ok = RULES[name]
+    if not ok(value):
+        raise ValueError(f"{name} must {rule}; got {value!r}")
+    if isinstance(value, bool):
+        return value
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
+
+
 class FusedOptimizer:
     """Common bookkeeping: the parameter list, per-parameter state, and the checks of ``ff_linear_step``."""
 
+    state_keys: tuple[str, ...] = ()  # a parameter's state: empty before its first step, these keys after
+
     def __init__(self, params: Iterable[torch.Tensor], defaults: dict[str, Any]) -> None:
+        if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
+            got = params.type() if isinstance(params, torch.Tensor) else type(params).__name__
+            raise TypeError(f"params must be an iterable of tensors, such as [weight, bias]; got {got}")
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
             raise ValueError("params must contain at least one tensor")
@@ -44,15 +83,18 @@ class FusedOptimizer:
         self._index = {id(p): i for i, p in enumerate(self.params)}
         if len(self._index) != len(self.params):
             raise ValueError("params contains the same tensor twice")
-        lr = defaults["lr"]
-        if not isinstance(lr, (int, float)) or not lr >= 0:
-            raise ValueError(f"lr must be a non-negative number; got {lr!r}")
-        if defaults.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"weight_decay must be non-negative; got {defaults['weight_decay']!r}")
-        self.defaults = dict(defaults)
-        for key, value in defaults.items():
-            setattr(self, key, value)
+        self._set_defaults(defaults)
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
+
+    def _set_defaults(self, defaults: dict[str, Any]) -> None:
+        """Check the hyper-parameters (``check_hyper``; nesterov needs momentum > 0 and dampening = 0) and cache
+        them as attributes, where the steps and the fused kernels read them."""
+        checked = {key: check_hyper(key, value) for key, value in defaults.items()}
+        if checked.get("nesterov") and (checked["momentum"] <= 0 or checked["dampening"] != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        self.defaults = checked
+        for key, value in checked.items():
+            setattr(self, key, value)
 
     def check_holds(self, name: str, tensor: torch.Tensor) -> dict[str, Any]:
         """The state of ``tensor``; a clear error when this optimizer was not given it."""
@@ -84,21 +126,54 @@ class FusedOptimizer:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {"defaults": dict(self.defaults), "state": [dict(s) for s in self.state]}
+        return {
+            "optimizer": type(self).__name__,
+            "defaults": dict(self.defaults),
+            "state": [dict(s) for s in self.state],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(state_dict["state"]) != len(self.params):
+        """Load a ``state_dict()`` of the same kind of optimizer over parameters of the same shapes; everything is
+        checked (hyper-parameters as by the constructor) before anything changes."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("defaults"), dict) or not isinstance(
+            state_dict.get("state"), (list, tuple)
+        ):
+            raise ValueError(f"state_dict must come from {name}.state_dict(); got {type(state_dict).__name__}")
+        kind, defaults, states = state_dict.get("optimizer", name), state_dict["defaults"], state_dict["state"]
+        if kind != name or defaults.keys() != self.defaults.keys():
             raise ValueError(
-                f"state_dict holds state for {len(state_dict['state'])} parameters; "
-                f"this optimizer has {len(self.params)}"
+                f"state_dict is from another optimizer ({kind}, options {sorted(defaults)}); this is {name}"
             )
-        self.defaults = dict(state_dict["defaults"])
-        for key, value in self.defaults.items():
-            setattr(self, key, value)
-        self.state = [
-            {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-            for s, p in zip(state_dict["state"], self.params)
-        ]
+        if len(states) != len(self.params):
+            raise ValueError(
+                f"state_dict holds state for {len(states)} parameters; this optimizer has {len(self.params)}"
+            )
+        loaded = [self._loaded_state(i, s, p) for i, (s, p) in enumerate(zip(states, self.params))]
+        self._set_defaults(defaults)
+        self.state = loaded
+
+    def _loaded_state(self, i: int, state: Any, param: torch.Tensor) -> dict[str, Any]:
+        """``state`` (of ``params[i]``) checked and moved to its device, in its master dtype."""
+        where = f"state_dict['state'][{i}]"
+        if not isinstance(state, dict) or (state and state.keys() != set(self.state_keys)):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{where} must be empty or hold {list(self.state_keys)}; got {keys}")
+        loaded: dict[str, Any] = {}
+        for key, value in state.items():
+            if key == "step":
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{where}['step'] must be a non-negative int; got {value!r}")
+                loaded[key] = int(value)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape:
+                loaded[key] = value.to(param.device, master_dtype(param))
+            else:
+                got = f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+                raise ValueError(
+                    f"{where}[{key!r}] must be a floating tensor of shape {tuple(param.shape)} (params[{i}]'s); "
+                    f"got {got}"
+                )
+        return loaded
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
@@ -107,6 +182,8 @@ class FusedOptimizer:
 
 class SGD(FusedOptimizer):
     """``torch.optim.SGD``: lr, momentum, dampening, nesterov, weight_decay."""
+
+    state_keys = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -117,10 +194,6 @@ class SGD(FusedOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ) -> None:
-        if momentum < 0:
-            raise ValueError(f"momentum must be non-negative; got {momentum!r}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
@@ -159,6 +232,7 @@ class Adam(FusedOptimizer):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient) with bias correction."""
 
     decoupled_weight_decay = False
+    state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -168,11 +242,7 @@ class Adam(FusedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must lie in [0, 1); got {betas!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be non-negative; got {eps!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         beta1, beta2 = self.betas

@@ -5,8 +5,6 @@ TRITON_INTERPRET=1 on the CPU (tests/conftest.py); opcheck of the underlying ops
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from test_conv_contract import (
@@ -119,7 +117,7 @@ def test_torch_compile_fullgraph_with_fused_adam() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ff_kernels.finite: the deferred check on float64 inputs (the Triton linear step takes float64 on the CPU)
+# ff_kernels.finite: the deferred check on float64 inputs (queued by the GPU paths' torch backend)
 
 
 @pytest.fixture
@@ -138,22 +136,28 @@ def _float64_batches(rows: int = 4):
     return tuple(torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((rows, 5), (rows, 5), (6, 5)))
 
 
-def test_float64_step_with_deferred_check_does_not_crash(every_step) -> None:
+def test_float64_is_refused_by_the_triton_layer_step() -> None:
+    """The Triton layer kernels accumulate in fp32, so they do not keep the float64 contract: refused by name."""
     x_pos, x_neg, w = _on_device(_float64_batches())
-    out = ffk.ff_linear_step(x_pos, x_neg, w, backend="triton", check_finite=True)
-    assert math.isfinite(float(out.loss))
+    with pytest.raises(TypeError, match="weight is torch.float64; backend='triton' takes"):
+        ffk.ff_linear_step(x_pos, x_neg, w, backend="triton")
+
+
+def test_float64_deferred_check_does_not_crash(every_step) -> None:
+    x_pos, x_neg, _ = _float64_batches()
+    finite.defer_step(x_pos.device, x_pos, x_neg)
     x_pos[1, 2] = float("nan")
     with pytest.raises(ValueError, match="x_pos contains NaN or inf"):
-        ffk.ff_linear_step(x_pos, x_neg, w, backend="triton", check_finite=True)
+        finite.defer_step(x_pos.device, x_pos, x_neg)
 
 
 def test_mixed_dtype_results_read_together() -> None:
-    """float64 and float32 steps queued on one device are read in one pass."""
-    x_pos, x_neg, w = _on_device(_float64_batches())
+    """float64 and float32 checks queued on one device are read in one pass."""
+    x_pos, x_neg, _ = _float64_batches()
     finite.check_now()
     try:
-        ffk.ff_linear_step(x_pos, x_neg, w, backend="triton", check_finite=True)
-        ffk.ff_linear_step(x_pos.float(), x_neg.float(), w.float(), backend="triton", check_finite=True)
+        finite.defer_step(x_pos.device, x_pos, x_neg)
+        finite.defer_step(x_pos.device, x_pos.float(), x_neg.bfloat16())
         finite.check_now()
     finally:
         finite._pending.clear()

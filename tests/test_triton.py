@@ -395,9 +395,9 @@ def test_many_rows_low_precision(dtype):
 
 
 def test_coefficient_scale_is_a_power_of_two_bound():
-    cases = (("logistic", 4.0, 25000, 25000), ("symba", -3.0, 7, 7), ("symba", 0.0, 3, 3))
+    cases = (("logistic", 4.0, 25000, 25000), ("symba", 3.0, 7, 7), ("symba", 1e-30, 3, 3))
     for loss, alpha, rows_pos, rows_neg in cases:
-        opts = step_options(500, loss=loss, alpha=alpha)
+        opts = step_options(500, loss=loss, alpha=alpha)  # symba's alpha is positive (checked at the boundary)
         scale = coefficient_scale(opts, rows_pos, rows_neg)
         mantissa, _ = math.frexp(scale)
         assert mantissa == 0.5

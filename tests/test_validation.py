@@ -420,8 +420,6 @@ def test_forward_checks() -> None:
         forward(x=torch.ones(3, K, dtype=torch.int64))
     with pytest.raises(TypeError, match="x dtype torch.float64 differs from weight dtype torch.float32"):
         forward(x=torch.randn(3, K, dtype=torch.float64))
-    with pytest.raises(ValueError, match="weight must be contiguous"):
-        forward(weight=torch.randn(K, N).t())
     with pytest.raises(ValueError, match=f"bias must have shape \\({N},\\)"):
         forward(bias=torch.randn(N + 1))
     with pytest.raises(ValueError, match="goodness must be one of"):
@@ -450,3 +448,147 @@ def test_auto_backend_picks_triton_for_cuda_tensors(monkeypatch) -> None:
     assert backends.resolve_backend("auto", torch.device("cuda")) == "triton"
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: "Triton is not installed")
     assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Found by an adversarial review: class labels, NaN through ReLU, meta tensors, empty conv batches, dtype mixes.
+# ------------------------------------------------------------------------------------------------------------------
+def _skip_unless_present(backend: str) -> None:
+    """The C++ operator where it is built, Triton where it runs (TRITON_INTERPRET=1 on the CPU, as conftest sets)."""
+    from ff_kernels.ops import cuda_step
+
+    if backend == "cuda" and cuda_step.extension_unavailable_reason("cpu") is not None:
+        pytest.skip(f"no C++ operator: {cuda_step.extension_unavailable_reason('cpu')}")
+    if backend == "triton" and (backends.triton_unavailable_reason(torch.device("cpu")) is not None
+                                or not backends.triton_ops_available()):
+        pytest.skip("Triton does not run here")
+
+
+def _class_inputs(rows=4, in_features=8, units=6, num_classes=3):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, in_features, generator=gen)
+    w, b = torch.randn(units, in_features, generator=gen), torch.randn(units, generator=gen)
+    return x, w, b, num_classes
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cuda", "triton"])
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize("bad", [-1, 3, 255])
+def test_class_step_labels_out_of_range_always_raise(backend, check_finite, bad) -> None:
+    """An out-of-range label matches no class in the Triton kernels (a silent wrong loss) and fails in ATen's
+    gather with an index message elsewhere: checked on every backend whatever check_finite says, naming labels,
+    before the weights change."""
+    _skip_unless_present(backend)
+    x, w, b, classes = _class_inputs()
+    labels = torch.tensor([0, bad, 2, 1])
+    opt = optim.SGD([w, b], lr=0.1)
+    before = w.clone()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        ffk.ff_linear_class_step(x, labels, w, b, num_classes=classes, optimizer=opt, backend=backend,
+                                 check_finite=check_finite)
+    assert torch.equal(w, before)
+    images = x.view(4, 2, 2, 2)
+    conv_w = torch.randn(6, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        ffk.ff_conv2d_class_step(images, labels, conv_w, None, num_classes=classes, backend=backend,
+                                 check_finite=check_finite)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_head_loss_labels_out_of_range_raise(check_finite) -> None:
+    h, head = torch.randn(4, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        ffk.class_goodness_loss(h, head, None, torch.tensor([0, 1, 3, 2]), check_finite=check_finite)
+
+
+def test_deferred_label_check_names_labels() -> None:
+    """The GPU paths fold the labels' range into the deferred finiteness read (ff_kernels.finite)."""
+    from ff_kernels import finite
+
+    finite.defer(torch.device("cpu"), (), torch.tensor([0, 2, 5]), 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\); a label outside it was passed"):
+        finite.check_now(torch.device("cpu"))
+    finite.defer(torch.device("cpu"), (), torch.tensor([0, 2, 1]), 3)
+    finite.check_now(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cuda", "triton"])
+def test_nan_weight_propagates_through_relu(backend) -> None:
+    """torch.relu keeps NaN; so must every backend's (Triton's max used to return 0 for NaN: a finite loss)."""
+    _skip_unless_present(backend)
+    x_pos, x_neg, w, b = data()
+    w[0, 0] = math.nan
+    out = ffk.ff_linear_step(x_pos, x_neg, w, b, backend=backend)
+    assert torch.isnan(out.h_pos[:, 0]).all() and math.isnan(float(out.loss))
+    h, _ = ffk.ff_linear_forward(x_pos, w, b, backend=backend)
+    assert torch.isnan(h[:, 0]).all()
+
+
+def test_meta_tensors_skip_value_checks() -> None:
+    """Meta tensors carry shapes only: a step on them infers the output shapes and queues no value check."""
+    from ff_kernels import finite
+
+    x_pos, x_neg, w, b = (t.to("meta") for t in data())
+    for _ in range(finite.interval() + 1):
+        out = ffk.ff_linear_step(x_pos, x_neg, w, b, backend="torch")
+    assert out.h_pos.shape == (P, N) and out.h_pos.device.type == "meta"
+    g = ffk.class_goodness(torch.randn(4, 5, device="meta"), torch.randn(3, 5, device="meta"))
+    assert g.shape == (4, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cuda", "auto"])
+def test_conv_forward_of_an_empty_batch(backend) -> None:
+    _skip_unless_present(backend)
+    w = torch.randn(6, 2, 3, 3)
+    for classes in (None, 3):
+        h, g = ffk.ff_conv2d_forward(torch.randn(0, 2, 8, 8), w, None, num_classes=classes, backend=backend)
+        assert h.shape == (0, 6, 6, 6) and g.shape == ((0,) if classes is None else (0, 3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cuda", "reference"])
+def test_float64_compute_with_float32_weights_names_compute_dtype(backend) -> None:
+    _skip_unless_present(backend)
+    with pytest.raises(TypeError, match="compute_dtype=torch.float64 with torch.float32 weights"):
+        step(compute_dtype=torch.float64, backend=backend)
+
+
+def test_triton_refuses_float64_and_auto_avoids_it(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if backends.triton_unavailable_reason(torch.device("cpu")) is not None or not backends.triton_ops_available():
+        pytest.skip("Triton is not available here")
+    x_pos, x_neg, w, b = data(torch.float64)
+    with pytest.raises(TypeError, match="weight is torch.float64; backend=.triton. takes float32"):
+        ffk.ff_linear_step(x_pos, x_neg, w, b, backend="triton")
+    from ff_kernels.functional import route_for
+
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device: None)
+    route = route_for("linear_step", "auto", torch.float64, w.to("meta"))
+    assert "triton" not in route.entry.target
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    a = step(threshold=np.float32(2.0), eps=np.float32(1e-4), backend="torch")
+    b = step(threshold=2.0, eps=float(np.float32(1e-4)), backend="torch")
+    assert torch.equal(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -4.0])
+def test_symba_alpha_must_be_positive(alpha) -> None:
+    with pytest.raises(ValueError, match="alpha must be positive for loss='symba'"):
+        step(x_neg=data()[1][:P - 1].repeat(2, 1)[:P], loss="symba", alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+def test_forward_takes_non_contiguous_parameters(backend) -> None:
+    """Inference writes no parameter: a transposed (tied) weight or a channels-last conv module serves."""
+    x_pos, _, w, b = data()
+    tied = w.t().contiguous().t()
+    assert not tied.is_contiguous()
+    assert torch.equal(ffk.ff_linear_forward(x_pos, tied, b, backend=backend)[0],
+                       ffk.ff_linear_forward(x_pos, w, b, backend=backend)[0])
+    conv_w = torch.randn(6, 2, 3, 3)
+    images = torch.randn(3, 2, 7, 7)
+    last = conv_w.to(memory_format=torch.channels_last)
+    assert torch.allclose(ffk.ff_conv2d_forward(images, last, None, backend=backend)[0],
+                          ffk.ff_conv2d_forward(images, conv_w, None, backend=backend)[0], atol=1e-6)

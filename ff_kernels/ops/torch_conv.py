@@ -27,6 +27,7 @@ returned gradients stay float32.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Callable
 
@@ -122,7 +123,7 @@ def fused_conv_relu_runs(dtype: torch.dtype) -> bool:
 def channels_innermost(h: torch.Tensor) -> torch.Tensor:
     """h as (B, positions, C) with the channels (or units) contiguous: a view of (B, N) rows and of channels-last
     images (the layout of :func:`conv_relu`'s output), so a class group is a contiguous run at every position."""
-    return h.movedim(1, -1).reshape(h.shape[0], -1, h.shape[1])
+    return h.movedim(1, -1).reshape(h.shape[0], math.prod(h.shape[2:]), h.shape[1])  # B may be 0
 
 
 def folded_positions(hv: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -167,7 +168,7 @@ def group_goodness(h: torch.Tensor, groups: int, kappa: float) -> torch.Tensor:
     per_channel = sums[0] if len(sums) == 1 else torch.cat(sums)
     if fold > 1:
         per_channel = per_channel.view(rows, fold, channels).sum(dim=1)
-    return per_channel.view(rows, groups, -1).sum(dim=2).mul_(kappa)
+    return per_channel.view(rows, groups, channels // groups).sum(dim=2).mul_(kappa)
 
 
 # The goodness function of the steps below, (h, groups, kappa) -> (B, groups): group_goodness, or a backend's own.

@@ -240,7 +240,7 @@ def _conv_forward_tile(
         z = z * tl.load(r_ptr + sample)
     if HAS_BIAS:
         z = z + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    h = tl.maximum(z, 0.0)
+    h = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu keeps NaN, as torch.relu does
     h_rows = (sample.to(tl.int64) * N + offs_n)[None, :] * HW + offs_m[:, None]
     mask = m_mask[:, None] & n_mask[None, :]
     tl.store(h_ptr + h_rows, cast(h, h_ptr.dtype.element_ty, INTERPRET), mask=mask)

@@ -101,7 +101,7 @@ def _forward_tile(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = z + bias[None, :]
-    h = tl.maximum(z, 0.0)
+    h = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu keeps NaN, as torch.relu does
     out_rows = (out_row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     tl.store(
         h_ptr + out_rows[:, None] * N + offs_n[None, :],
