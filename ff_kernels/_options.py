@@ -251,6 +251,12 @@ def check_offset(
     return offset.detach().to(torch.promote_types(weight.dtype, torch.float32)).contiguous()
 
 
+def check_flag(name: str, value: object) -> None:
+    """A bool option: a string such as "no" would otherwise read as True."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
 def check_finite_number(name: str, value: object) -> None:
     """Any finite real number (int, float, a numpy scalar), but not a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -413,6 +419,8 @@ def check_head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         _check_float_tensor("head_bias", bias)
         if bias.shape != (classes,):
             raise ValueError(f"head_bias must have shape ({classes},); got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"head_bias dtype {bias.dtype} differs from head_weight dtype {weight.dtype}")
         if bias.device != weight.device:
             raise ValueError(f"head_bias is on {bias.device} but head_weight is on {weight.device}")
     if check_finite:

@@ -65,6 +65,7 @@ def ff_conv2d_step(
         FFStepOutput with goodness_* (P,), (Q,) and h_* (P, C, H', W'), (Q, C, H', W').
     """
     checks.check_conv_weight_bias(weight, bias)
+    checks.check_flag("check_finite", check_finite)
     compute = checks.check_compute_dtype(compute_dtype, weight)
     geometry = checks.check_conv_geometry(stride, padding, dilation)
     route = route_for("conv2d_step", backend, compute, weight)
@@ -135,6 +136,7 @@ def ff_conv2d_class_step(
         optimizer).
     """
     checks.check_conv_weight_bias(weight, bias)
+    checks.check_flag("check_finite", check_finite)
     compute = checks.check_compute_dtype(compute_dtype, weight)
     geometry = checks.check_conv_geometry(stride, padding, dilation)
     route = route_for("conv2d_class_step", backend, compute, weight)
@@ -178,6 +180,7 @@ def ff_linear_class_step(
     """One class-goodness FF step of a linear layer: :func:`ff_conv2d_class_step` with the N units split into
     ``num_classes`` contiguous groups (kappa = 1/G for "mean"). x is (B, K), weight (N, K); h is (B, N)."""
     checks.check_weight_bias(weight, bias)
+    checks.check_flag("check_finite", check_finite)
     compute = checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_class_step", backend, compute, weight)
     scan = check_finite and route.finite == FINITE_SCAN
@@ -220,6 +223,7 @@ def ff_conv2d_forward(
     with ``num_classes``, per (sample, class group) (B, num_classes), with the kappa of the matching step."""
     weight, bias = checks.dense_parameters(weight, bias)
     checks.check_conv_weight_bias(weight, bias)
+    checks.check_flag("check_finite", check_finite)
     compute = checks.check_compute_dtype(compute_dtype, weight)
     geometry = checks.check_conv_geometry(stride, padding, dilation)
     route = route_for("conv2d_forward", backend, compute, weight)

@@ -235,6 +235,7 @@ def ff_linear_step(
         FFStepOutput; ``grad_weight``/``grad_bias`` are None when an optimizer applied the update.
     """
     opt_checks.check_weight_bias(weight, bias)
+    opt_checks.check_flag("check_finite", check_finite)
     compute = weight.dtype if compute_dtype is None else opt_checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_step", backend, compute, weight)
     scan = check_finite and route.finite == FINITE_SCAN
@@ -281,6 +282,7 @@ def ff_linear_forward(
     in :func:`ff_linear_step`."""
     weight, bias = opt_checks.dense_parameters(weight, bias)
     opt_checks.check_weight_bias(weight, bias)
+    opt_checks.check_flag("check_finite", check_finite)
     compute = opt_checks.check_compute_dtype(compute_dtype, weight)
     route = route_for("linear_forward", backend, compute, weight)
     x = opt_checks.check_input("x", x, weight, check_finite and route.finite == FINITE_SCAN, compute)

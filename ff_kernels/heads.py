@@ -45,6 +45,7 @@ def class_goodness_loss(
     Returns:
         The 0-dim loss, float32 (float64 for float64 h).
     """
+    checks.check_flag("check_finite", check_finite)
     weight = checks.check_head(h, head_weight, head_bias, check_finite)
     checks.check_finite_number("temperature", temperature)
     if temperature <= 0:
@@ -67,6 +68,7 @@ def class_goodness(
 ) -> torch.Tensor:
     """The head's class goodness g (B, K) in float32 (float64 for float64 h), as in :func:`class_goodness_loss`:
     what prediction reads (softmax(g / tau), argmax)."""
+    checks.check_flag("check_finite", check_finite)
     weight = checks.check_head(h, head_weight, head_bias, check_finite)
     _, goodness = resolve_for("class_goodness", backend, head_weight.dtype, head_weight)
     return goodness(h, weight, head_bias)

@@ -592,3 +592,25 @@ def test_forward_takes_non_contiguous_parameters(backend) -> None:
     last = conv_w.to(memory_format=torch.channels_last)
     assert torch.allclose(ffk.ff_conv2d_forward(images, last, None, backend=backend)[0],
                           ffk.ff_conv2d_forward(images, conv_w, None, backend=backend)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float64])
+def test_head_bias_dtype_must_match_the_head(bias_dtype) -> None:
+    h, head = torch.randn(4, 5), torch.randn(3, 5)
+    with pytest.raises(TypeError, match="head_bias dtype .* differs from head_weight dtype"):
+        ffk.class_goodness(h, head, torch.zeros(3, dtype=bias_dtype))
+    with pytest.raises(TypeError, match="head_bias dtype .* differs from head_weight dtype"):
+        ffk.class_goodness_loss(h, head, torch.zeros(3, dtype=bias_dtype), torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_check_finite_must_be_a_bool(value) -> None:
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        step(check_finite=value)
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        forward(check_finite=value)
+    x, w, b, classes = _class_inputs()
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        ffk.ff_linear_class_step(x, torch.tensor([0, 1, 2, 0]), w, b, num_classes=classes, check_finite=value)
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        ffk.class_goodness(torch.randn(4, 5), torch.randn(3, 5), check_finite=value)
