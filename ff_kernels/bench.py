@@ -602,6 +602,8 @@ def plot(rows: Sequence[Row], env: dict[str, Any], path: Path) -> str | None:
     shapes = list(dict.fromkeys(r.shape for r in rows))
     timed = {r.variant for r in rows if name_timed(r)}
     variants = [v for v in VARIANTS if v in timed]
+    if not variants:
+        return "no variant was timed (see the table's status column)"
     panel = max(5.0, 0.3 * len(shapes) * len(variants) + 1.5)
     fig, axes = plt.subplots(1, len(dtypes), figsize=(panel * len(dtypes), 4.5), squeeze=False)
     width = 0.8 / max(1, len(variants))
@@ -657,9 +659,23 @@ def _csv_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-def _kn(text: str) -> tuple[int, int]:
-    k, n = text.lower().split("x")
-    return int(k), int(n)
+def positive_int(text: str) -> int:
+    """argparse type for a count (repeats, threads, jobs): 0 is no way to ask for the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def kn_pair(text: str) -> tuple[int, int]:
+    """A K x N layer shape such as 784x500, both positive."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"expected KxN with positive K and N, e.g. 784x500; got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _dtype_name(text: str) -> str:
@@ -689,14 +705,16 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", type=_csv_list(_dtype_name), default=["float32", "bfloat16"],
                         help="comma-separated: float32, bfloat16, float16 (default float32,bfloat16)")
-    parser.add_argument("--rows", type=_csv_list(int), default=None, help="P = Q values, e.g. 512,4096")
-    parser.add_argument("--kn", type=_csv_list(_kn), default=None, help="K x N pairs, e.g. 784x500,2000x2000")
+    parser.add_argument("--rows", type=positive_int_list, default=None, help="P = Q values, e.g. 512,4096")
+    parser.add_argument("--kn", type=_csv_list(kn_pair), default=None, help="K x N pairs, e.g. 784x500,2000x2000")
     parser.add_argument("--variants", type=_csv_list(_variant_name), default=list(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU samples per variant (default 15, quick 7)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="CPU samples per variant (default 15, quick 7)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode (default: max-autotune-no-cudagraphs on CUDA, default on the CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tf32", action="store_true", help="let fp32 GEMMs use TF32 on CUDA (off by default)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     parser.add_argument("--host-overhead", action="store_true",
@@ -707,9 +725,35 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
                         help="instead: distributed FF training (data parallel, pipeline) against a backprop pipeline "
                              "on 1 and 2 local gloo ranks, traffic and steps/s (ff_kernels.distributed.bench)")
     parser.set_defaults(run=run)
+    _DEFAULTS.update(vars(parser.parse_args([])))
+
+
+# The parser's defaults (filled by add_parser): an option that differs from its default was given.
+_DEFAULTS: dict[str, Any] = {}
+# What the two "instead" modes read; any other option given with them would be silently ignored.
+_MODE_OPTIONS = {"host_overhead": ("repeats", "threads", "out"), "distributed": ("quick", "repeats", "out")}
+
+
+def options_given(args: argparse.Namespace, defaults: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """The flags among ``names`` whose value differs from the parser's default (so the user gave them)."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) != defaults.get(name)]
+
+
+def check_mode_options(args: argparse.Namespace) -> None:
+    """--host-overhead and --distributed run their own fixed work: refuse the options they would ignore."""
+    for mode, used in _MODE_OPTIONS.items():
+        if not getattr(args, mode):
+            continue
+        ignored = options_given(args, _DEFAULTS, (n for n in _DEFAULTS if n not in (*used, mode, "run")))
+        if ignored:
+            raise ValueError(
+                f"--{mode.replace('_', '-')} runs its own fixed work and takes only "
+                f"{', '.join('--' + u for u in used)}; got {', '.join(ignored)}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
+    check_mode_options(args)
     if args.host_overhead:
         from ff_kernels import bench_host
 

@@ -4,7 +4,8 @@ Three ways to train the same widths on the same M-row batch, each with Adam (sta
 
 - ``ff_fused``: per training step, each layer in turn takes one ``ff_linear_step`` on (h_pos, h_neg) with an
   ``ff_kernels.optim.Adam`` and passes its h on; the previous layer's activations are then dropped, so only one
-  layer's activations and gradient are alive at a time (``backend="auto"``: Triton on CUDA, torch on the CPU);
+  layer's activations and gradient are alive at a time (``backend="auto"``: Triton on CUDA; on the CPU the C++
+  operator where it is built, else torch);
 - ``ff_eager``: the same schedule written the mohammadpz way (autograd per layer, ``torch.optim.Adam``); each
   layer's ``.grad`` lives on until that layer's next ``zero_grad``, as in mohammadpz's loop;
 - ``backprop``: ``nn.Sequential`` of Linear+ReLU of the same widths, the same logistic goodness loss on the last
@@ -48,8 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ff_kernels._options import BACKENDS
 from ff_kernels.backends import resolve_backend
-from ff_kernels.bench import EagerFFLayer, positive_int_list, report_written
+from ff_kernels.bench import EagerFFLayer, options_given, positive_int, positive_int_list, report_written
 from ff_kernels.blockwise import MODELS as BLOCKWISE_MODELS
 
 METHODS = ("ff_fused", "ff_eager", "backprop")
@@ -447,21 +449,40 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="depths 1,2,4,8 (default 1..16); conv nets: 3 batches")
     parser.add_argument("--depths", type=positive_int_list, default=None,
                         help="comma-separated depths (conv nets: numbers of blocks)")
-    parser.add_argument("--width", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--width", type=positive_int, default=2000, help="mlp: units per layer")
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="M rows in all (FF: M/2 positive, M/2 negative; default 256); conv nets: the one batch")
     parser.add_argument("--batches", type=positive_int_list, default=None,
                         help="conv nets: the batch sweep (default 32,64,128,256,512)")
-    parser.add_argument("--image-size", type=int, default=32, help="conv nets: input height and width")
-    parser.add_argument("--in-features", type=int, default=784)
-    parser.add_argument("--steps", type=int, default=3, help="training steps per configuration")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="conv nets: input height and width")
+    parser.add_argument("--in-features", type=positive_int, default=784, help="mlp: input features")
+    parser.add_argument("--steps", type=positive_int, default=3, help="training steps per configuration")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--methods", type=_methods, default=list(METHODS))
+    parser.add_argument("--methods", type=_methods, default=list(METHODS), help="mlp: the methods measured")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", help="ff_fused's backend (default auto)")
-    parser.add_argument("--jobs", type=int, default=2, help="CPU configurations measured in parallel (default 2)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="mlp: ff_fused's backend (default auto)")
+    parser.add_argument("--jobs", type=positive_int, default=2,
+                        help="CPU configurations measured in parallel (default 2)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     parser.set_defaults(run=run)
+    _DEFAULTS.update(vars(parser.parse_args([])))
+
+
+_DEFAULTS: dict[str, object] = {}
+# The options one model family alone reads (given for the other, they would be silently ignored), and its name.
+_ONLY_FOR = {
+    "mlp": (("width", "in_features", "methods", "backend"), "--model mlp"),
+    "conv": (("batches", "image_size"), f"the conv nets (--model {', '.join(BLOCKWISE_MODELS)})"),
+}
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """Refuse the options the chosen --model does not read."""
+    names, family = _ONLY_FOR["conv" if args.model == "mlp" else "mlp"]
+    given = options_given(args, _DEFAULTS, names)
+    if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise ValueError(f"{', '.join(given)} only {verb} to {family}; got --model {args.model}")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[MemoryConfig]:
@@ -474,6 +495,7 @@ def configs_from_args(args: argparse.Namespace) -> list[MemoryConfig]:
 def run(args: argparse.Namespace) -> int:
     from ff_kernels.bench import device_slug, environment
 
+    check_model_options(args)
     if args.model != "mlp":
         from ff_kernels import memory_blockwise
 
@@ -482,8 +504,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
-    if args.batch < 2 or args.width <= 0 or args.steps <= 0:
-        raise ValueError("--batch must be at least 2, --width and --steps positive")
+    resolve_backend(args.backend, device)  # an unavailable backend fails here, not in every worker
+    if args.batch < 2:
+        raise ValueError(f"--batch must be at least 2 (M/2 positive and M/2 negative rows); got {args.batch}")
     configs = configs_from_args(args)
     out = Path(args.out or Path("benchmarks") / "results" / device_slug(device))
     out.mkdir(parents=True, exist_ok=True)

@@ -345,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size < 4 or args.steps <= 0 or (args.batch is not None and args.batch < 2):
         raise ValueError("--image-size must be at least 4, --steps positive, --batch at least 2")
     blocks = count_blocks(args.model)
+    if args.depths and max(args.depths) > blocks:
+        raise ValueError(f"--depths: {args.model} has {blocks} blocks; got {max(args.depths)}")
     configs = configs_from_args(args, blocks)
     depth_batch = args.batch or DEPTH_BATCH
     out = Path(args.out or Path("benchmarks") / "results" / device_slug(device))

@@ -144,3 +144,38 @@ def test_cpu_ratios_pair_the_rounds():
     assert bench.paired_ratio(reference, variant, invert=True)[0] == pytest.approx(1.1)
     with pytest.raises(ValueError):
         bench.paired_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--host-overhead", "--rows", "999", "--kn", "5x5"], "--host-overhead runs its own fixed work"),
+    (["bench", "--distributed", "--op", "conv"], "--distributed runs its own fixed work"),
+    (["memory", "--model", "small_cnn", "--width", "3"], "--width only applies to --model mlp"),
+    (["memory", "--batches", "32"], "--batches only applies to the conv nets"),
+    (["memory", "--backend", "triton"], "backend='triton' is unavailable"),
+])
+def test_options_a_mode_would_ignore_are_errors(argv, message, capsys):
+    from ff_kernels import cli
+
+    if argv[-1] == "triton" and torch.cuda.is_available():
+        pytest.skip("Triton runs on this machine")
+    assert cli.main([*argv, "--out", "/nonexistent-never-written"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--repeats", "0"], ["bench", "--threads", "0"], ["bench", "--rows", "-4"], ["bench", "--kn", "0x8"],
+    ["bench", "--kn", "12"], ["memory", "--batch", "0"], ["memory", "--jobs", "0"], ["memory", "--backend", "gpu"],
+])
+def test_counts_and_shapes_are_checked_by_the_parser(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(argv)
+    assert exit_info.value.code == 2
+
+
+def test_bench_skips_the_plot_when_nothing_was_timed(tmp_path, capsys):
+    args = _parse(["bench", "--rows", "4", "--kn", "8x8", "--dtype", "float32", "--variants", "triton",
+                   "--repeats", "1", "--out", str(tmp_path)])
+    if torch.cuda.is_available():
+        pytest.skip("Triton times on this machine")
+    assert args.run(args) == 0
+    assert "plot skipped: no variant was timed" in capsys.readouterr().out

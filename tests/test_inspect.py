@@ -213,3 +213,14 @@ def test_cuda_kernel_instantiations_are_parsed():
     for r in records:
         assert r["kernel"] and 0 < r["registers"] <= 255
         assert r["mma"] in ("wgmma", "mma.sync", "none") and r["file"] == "csrc/cuda/step.cu"
+
+
+def test_gates_fail_on_an_empty_selection(capsys):
+    """A gate over no binary proves nothing: CI's --gates must not pass on a filter that matches nothing."""
+    assert cli.main(["inspect", "--subset", "ci", "--kernel", "no_such_kernel", "--gates", "--no-progress"]) == 1
+    assert "no binary matches these filters" in capsys.readouterr().out
+
+
+def test_unwritable_output_fails_before_compiling(tmp_path, capsys):
+    assert cli.main(["inspect", "--subset", "ci", "--no-progress", "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err and not list(tmp_path.iterdir())
