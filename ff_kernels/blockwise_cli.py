@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from ff_kernels import dispatch
 from ff_kernels.blockwise import LR_SCHEDULES, MODELS, PREDICT, BackpropBaseline, BlockwiseFF, build_blocks, crop_flip
 
-# The train command's defaults for these models (its parser leaves them None; FFNet has its own).
-DEFAULTS = {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": None, "schedule": "simultaneous"}
+# Defaults of the options block-wise training shares with --model conv (the parser leaves them None).
+SHARED_DEFAULTS = {"temperature": 1.0, "lr_schedule": "cosine"}
+# The train command's defaults for these models (its parser leaves them None; FFNet has its own). The loss is always
+# the class-goodness one; it is filled in so that the options tied to it apply.
+DEFAULTS = {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": None, "schedule": "simultaneous",
+            "loss": "class", "warmup_epochs": 0.0, "predict": "mean", **SHARED_DEFAULTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, default=None,
                        help="resize the images (bilinear) to this height and width, e.g. 32 to run digits through "
                             "a CIFAR-sized network")
-    group.add_argument("--temperature", type=float, default=1.0, help="tau of the class-goodness loss (default 1)")
-    group.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
-    group.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
+    group.add_argument("--temperature", type=float, default=None, help="tau of the class-goodness loss (default 1)")
+    group.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES, help="default cosine")
+    group.add_argument("--warmup-epochs", type=float, default=None, help="linear learning-rate warm-up (default 0)")
     group.add_argument("--layer-norm", action="store_true", help="layer-normalise each block's detached output")
-    group.add_argument("--predict", default="mean", choices=PREDICT,
+    group.add_argument("--predict", default=None, choices=PREDICT,
                        help="mean of softmax(g / tau) over the blocks (default), or the last block's")
     group.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast")
     group.add_argument("--augment", action="store_true", help="random crops (padding 4) and horizontal flips")
@@ -44,18 +48,20 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from ff_kernels.cli import peak_memory_mib
-    from ff_kernels.data import load_dataset
-
-    if args.distributed:
-        raise ValueError(f"--distributed trains FFNet; --model {args.model} trains in one process")
+def check_arguments(args: argparse.Namespace) -> None:
+    """The block-wise options' values that the parser cannot check alone (the train command checks which options
+    apply)."""
     if args.backend != "auto":
         dispatch.spec("class_goodness_loss", args.backend)
     if args.image_size is not None and args.image_size < 4:
         raise ValueError(f"--image-size must be at least 4; got {args.image_size}")
-    if args.epochs <= 0 or args.batch_size <= 0:
-        raise ValueError("--epochs and --batch-size must be positive for block-wise training")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train with the arguments that ``resolve_train_arguments`` filled in and checked."""
+    from ff_kernels.cli import peak_memory_mib
+    from ff_kernels.data import load_dataset
+
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=True)
     x_train, x_test = _resize(dataset.x_train, args.image_size), _resize(dataset.x_test, args.image_size)
     device = torch.device(args.device)
@@ -70,23 +76,29 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
     )
+    def blocks() -> list:
+        return build_blocks(args.model, in_channels=sample_shape[0], small_input=not args.full_size_stem,
+                            seed=args.seed)
+
     trainers = {
-        "block-wise": lambda blocks: BlockwiseFF(
-            blocks, dataset.num_classes, temperature=args.temperature, normalize=args.layer_norm,
+        "block-wise": lambda: BlockwiseFF(
+            blocks(), dataset.num_classes, temperature=args.temperature, normalize=args.layer_norm,
             predict=args.predict, backend=args.backend, **common
         ),
     }
     if args.baseline:
-        trainers["backprop"] = lambda blocks: BackpropBaseline(blocks, dataset.num_classes, **common)
+        trainers["backprop"] = lambda: BackpropBaseline(blocks(), dataset.num_classes, **common)
+    # Built before the first line, so that its errors (its options include the baseline's) come first; the baseline is
+    # built once this one has trained, so that each peak memory is its method's own.
+    first = trainers["block-wise"]()
     print(
         f"{dataset.name}: {x_train.shape[0]} train / {x_test.shape[0]} test images {'x'.join(map(str, sample_shape))}; "
         f"{args.model}, {args.schedule}, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} "
         f"(lr {args.lr or 'default'}, {args.lr_schedule}), {'bf16 autocast, ' if args.bf16 else ''}device {device}"
     )
     for name, make in trainers.items():
-        blocks = build_blocks(args.model, in_channels=sample_shape[0], small_input=not args.full_size_stem,
-                              seed=args.seed)
-        model = make(blocks)
+        model = first if name == "block-wise" else make()
+        first = None  # not held while the baseline trains
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()

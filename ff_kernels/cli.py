@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -15,12 +16,40 @@ from ff_kernels.bench import positive_int_list
 from ff_kernels.distributed import cli as distributed_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Train options whose default depends on --model (None in the parser): FFNet's is mohammadpz's recipe.
+# Defaults of the options FFNet and FFConvNet share.
+FF_DEFAULTS = {"threshold": 2.0, "goodness": "mean", "alpha": 4.0, "negatives": "wrong"}
+# Train options whose default depends on --model (None in the parser, so that an option given can be told from one
+# left out): FFNet's is mohammadpz's recipe.
 MODEL_DEFAULTS = {
-    "mlp": {"epochs": 1000, "batch_size": 0, "optimizer": "adam", "lr": 0.03, "schedule": "greedy", "loss": "logistic",
-            "normalize": "l2"},
-    "conv": conv_cli.DEFAULTS,
+    "mlp": {**FF_DEFAULTS, **distributed_cli.DEFAULTS, "dims": [500, 500], "epochs": 1000, "batch_size": 0,
+            "optimizer": "adam", "lr": 0.03, "schedule": "greedy", "loss": "logistic", "normalize": "l2",
+            "collab": "none", "overlay": "auto"},
+    "conv": {**FF_DEFAULTS, **blockwise_cli.SHARED_DEFAULTS, **conv_cli.DEFAULTS},
     **{model: blockwise_cli.DEFAULTS for model in blockwise_cli.MODELS},
+}
+FF_MODELS = ("mlp", "conv")
+# Where the options that only some models, losses or modes have apply: in words for the error, and as a test of the
+# arguments with their defaults filled in. An option given anywhere else is an error naming it.
+APPLIES = {
+    name: (where, test)
+    for where, test, names in (
+        ("--model mlp", lambda a: a.model == "mlp", ("dims", "overlay", "collab", "distributed")),
+        ("--model mlp or conv", lambda a: a.model in FF_MODELS,
+         ("goodness", "loss", "normalize", "compute_dtype", "compare_reference")),
+        ("--model mlp or conv with --loss logistic or symba", lambda a: a.model in FF_MODELS and a.loss != "class",
+         ("threshold", "negatives")),
+        ("--loss symba", lambda a: a.loss == "symba", ("alpha",)),
+        ("--model conv", lambda a: a.model == "conv", ("channels", "kernel_size", "no_pool", "predict_skip_first")),
+        (f"--model conv or {', '.join(blockwise_cli.MODELS)}", lambda a: a.model != "mlp", ("lr_schedule",)),
+        (f"the class-goodness loss (--model conv with --loss class, or {', '.join(blockwise_cli.MODELS)})",
+         lambda a: a.loss == "class", ("temperature",)),
+        (f"block-wise training (--model {', '.join(blockwise_cli.MODELS)})", lambda a: a.model in blockwise_cli.MODELS,
+         ("image_size", "warmup_epochs", "layer_norm", "predict", "bf16", "augment", "full_size_stem", "baseline")),
+        ("--distributed", lambda a: a.distributed is not None, ("timeout",)),
+        ("--distributed pipeline", lambda a: a.distributed == "pipeline", ("micro_batches",)),
+        ("--dataset mnist or cifar10", lambda a: a.dataset != "digits", ("data_dir",)),
+    )
+    for name in names
 }
 
 
@@ -40,30 +69,33 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder with the four MNIST IDX files (plain or .gz), or with cifar-10-python.tar.gz or "
                              "its extracted cifar-10-batches-py/")
-    parser.add_argument("--dims", type=positive_int_list, default=[500, 500], help="hidden widths, e.g. 500,500")
+    parser.add_argument("--dims", type=positive_int_list, default=None, help="hidden widths (default 500,500)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per layer (greedy) or in all (simultaneous); default 1000 (mlp), 20 (conv), "
                              "10 (block-wise)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="0 for full batch; default full batch (mlp, as mohammadpz), 32 (conv), 128 (block-wise)")
+                        help="default full batch (mlp, as mohammadpz), 32 (conv), 128 (block-wise); 0 for full batch "
+                             "(mlp, conv)")
     parser.add_argument("--schedule", default=None, choices=("greedy", "simultaneous"),
                         help="default greedy (mlp), simultaneous (conv, block-wise)")
     parser.add_argument("--optimizer", default=None, choices=("adam", "adamw", "sgd"),
                         help="default adam (mlp, conv), sgd with momentum 0.9 (block-wise)")
     parser.add_argument("--lr", type=float, default=None,
                         help="default 0.03 (mlp), 1e-3 (conv); block-wise: 0.05 (sgd), 1e-3 (adam, adamw)")
-    parser.add_argument("--threshold", type=float, default=2.0)
-    parser.add_argument("--goodness", default="mean", choices=("mean", "sum"))
+    parser.add_argument("--threshold", type=float, default=None, help="goodness threshold (default 2)")
+    parser.add_argument("--goodness", default=None, choices=("mean", "sum"), help="default mean")
     parser.add_argument("--loss", default=None, choices=("logistic", "symba", "class"),
                         help="default logistic (mlp), class (conv: class goodness, no negatives)")
-    parser.add_argument("--alpha", type=float, default=4.0, help="SymBa's scale")
-    parser.add_argument("--collab", default="none", choices=("none", "all", "previous"),
-                        help="Layer Collaboration: offset each layer's goodness by the other layers' (detached)")
+    parser.add_argument("--alpha", type=float, default=None, help="SymBa's scale (default 4)")
+    parser.add_argument("--collab", default=None, choices=("none", "all", "previous"),
+                        help="Layer Collaboration: offset each layer's goodness by the other layers' (detached); "
+                             "default none")
     parser.add_argument("--normalize", default=None, choices=("l2", "rms", "none"),
                         help="each layer's input scale; default l2 (mlp), rms (conv)")
-    parser.add_argument("--overlay", default="auto", choices=("auto", "replace", "append"),
-                        help="auto: append the label for inputs under 100 features, else replace the first pixels")
-    parser.add_argument("--negatives", default="wrong", choices=("wrong", "shuffle"))
+    parser.add_argument("--overlay", default=None, choices=("auto", "replace", "append"),
+                        help="auto (default): append the label for inputs under 100 features, else replace the first "
+                             "pixels")
+    parser.add_argument("--negatives", default=None, choices=("wrong", "shuffle"), help="default wrong")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "torch", "triton", "cuda"))
     parser.add_argument("--compute-dtype", default=None, choices=tuple(DTYPES), help="dtype of the GEMMs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,6 +113,42 @@ def apply_model_defaults(args: argparse.Namespace) -> None:
     for name, value in MODEL_DEFAULTS[getattr(args, "model", "mlp")].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def resolve_train_arguments(args: argparse.Namespace) -> None:
+    """Fill in --model's defaults and reject, before anything is printed, options that do not apply to the run (see
+    APPLIES) and values the run cannot use, with messages that name the flag. Once, on freshly parsed arguments: an
+    option left out is told from one given by its None."""
+    given = [name for name, value in vars(args).items() if name in APPLIES and value is not None and value is not False]
+    apply_model_defaults(args)
+    for name in given:
+        where, applies = APPLIES[name]
+        if not applies(args):
+            raise ValueError(f"--{name.replace('_', '-')} applies to {where} only")
+    if args.model == "mlp" and args.loss == "class":
+        raise ValueError("--loss class applies to --model conv only; --model mlp has logistic and symba")
+    if args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive; got {args.epochs}")
+    if args.batch_size < 0 or (args.batch_size == 0 and args.model not in FF_MODELS):
+        full = " (0, full batch, is for --model mlp and conv)" if args.model not in FF_MODELS else " or 0 (full batch)"
+        raise ValueError(f"--batch-size must be positive{full}; got {args.batch_size}")
+    if args.dataset != "digits":
+        if args.data_dir is None:
+            raise ValueError(f"--dataset {args.dataset} needs --data-dir, the folder that holds its files")
+        if not Path(args.data_dir).is_dir():
+            state = "is not a folder" if Path(args.data_dir).exists() else "does not exist"
+            raise ValueError(f"--data-dir {args.data_dir} {state}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False")
+    if args.model == "conv":
+        conv_cli.check_arguments(args)
+    elif args.model in blockwise_cli.MODELS:
+        blockwise_cli.check_arguments(args)
+    distributed_cli.check_arguments(args)
 
 
 def build_net(args: argparse.Namespace, dataset, backend: str, device: torch.device):
@@ -112,11 +180,10 @@ def build_net(args: argparse.Namespace, dataset, backend: str, device: torch.dev
     )
 
 
-def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, float]:
-    """Train one FFNet as the arguments say; returns accuracies, wall time and peak memory."""
-    apply_model_defaults(args)
+def train_once(args: argparse.Namespace, dataset, net) -> dict[str, float]:
+    """Train a net from ``build_net`` as the (resolved) arguments say; returns accuracies, wall time and peak
+    memory."""
     device = torch.device(args.device)
-    net = build_net(args, dataset, backend, device)
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,34 +211,32 @@ def train_once(args: argparse.Namespace, dataset, backend: str) -> dict[str, flo
 def run_train(args: argparse.Namespace) -> int:
     from ff_kernels.data import load_dataset
 
-    apply_model_defaults(args)
+    resolve_train_arguments(args)
     if args.model in blockwise_cli.MODELS:
         return blockwise_cli.run_train(args)
-    distributed_cli.check_arguments(args)
     if args.distributed:
         return distributed_cli.run_train(args)
 
-    if args.model == "conv":
-        conv_cli.check_arguments(args)
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=args.model == "conv")
-    layers = f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}"
-    if args.model == "conv":
-        layers = conv_cli.describe(args, dataset)
+    device = torch.device(args.device)
+    net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
+    layers = (conv_cli.describe(args, dataset) if args.model == "conv"
+              else f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}")
     print(
         f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
         f"{layers}, {args.schedule}, "
-        f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, collab {args.collab}, "
-        f"backend {args.backend}, device {args.device}"
+        f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, "
+        f"{f'collab {args.collab}, ' if args.model == 'mlp' else ''}backend {args.backend}, device {args.device}"
     )
-    result = train_once(args, dataset, args.backend)
-    memory_kind = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak resident memory"
+    result = train_once(args, dataset, net)
+    memory_kind = "peak CUDA memory allocated" if device.type == "cuda" else "peak resident memory"
     print(
         f"train accuracy {result['train_acc']:.2%} (error {1 - result['train_acc']:.2%}), "
         f"test accuracy {result['test_acc']:.2%} (error {1 - result['test_acc']:.2%})"
     )
     print(f"wall time {result['seconds']:.1f} s, {memory_kind} {result['peak_mib']:.0f} MiB")
     if args.compare_reference:
-        reference = train_once(args, dataset, "reference")
+        reference = train_once(args, dataset, build_net(args, dataset, "reference", device))
         print(
             f"reference backend: test accuracy {reference['test_acc']:.2%}, wall time {reference['seconds']:.1f} s; "
             f"speed-up {reference['seconds'] / result['seconds']:.2f}x, "
@@ -196,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, RuntimeError, OSError, ImportError) as err:  # OSError: an output path it cannot write
         print(f"ff-kernels {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ff-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -4,6 +4,7 @@ images, with CwComp's class-goodness loss by default or Trifecta's label channel
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -19,17 +20,31 @@ DEFAULTS = {
     "schedule": "simultaneous",
     "loss": "class",
     "normalize": "rms",
+    "channels": [60, 120],
+    "kernel_size": [3],
 }
+
+
+def _int_list(example: str) -> Callable[[str], list[int]]:
+    """argparse type: positive_int_list, whose example (500,500) fits widths, with one that fits the option."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            return positive_int_list(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected positive integers, e.g. {example}; got {text!r}") from None
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train command's conv options (``--temperature`` and ``--lr-schedule`` are shared with block-wise
     training)."""
     group = parser.add_argument_group("conv FF network (--model conv)")
-    group.add_argument("--channels", type=positive_int_list, default=[60, 120],
+    group.add_argument("--channels", type=_int_list("60,120"), default=None,
                        help="output channels per conv layer, multiples of the class count for --loss class "
                             "(default 60,120)")
-    group.add_argument("--kernel-size", type=positive_int_list, default=[3],
+    group.add_argument("--kernel-size", type=_int_list("3, or 5,3 (one per layer)"), default=None,
                        help="one kernel size for every layer, or one per layer (default 3; 'same' padding)")
     group.add_argument("--no-pool", action="store_true", help="no 2x2 max-pool between the layers")
     group.add_argument("--predict-skip-first", action="store_true",
@@ -37,11 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Train options that FFConvNet does not have are errors naming the option."""
-    if args.distributed:
-        raise ValueError("--distributed trains FFNet; --model conv trains in one process")
-    if args.collab != "none":
-        raise ValueError("--collab is an FFNet option; --model conv has no layer collaboration")
+    """The conv options' values that the parser cannot check alone (the train command checks which options apply)."""
     if len(args.kernel_size) not in (1, len(args.channels)):
         raise ValueError(f"--kernel-size gives {len(args.kernel_size)} sizes for {len(args.channels)} layers")
 

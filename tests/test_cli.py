@@ -48,7 +48,7 @@ def test_mnist_without_files_names_the_folder(tmp_path, capsys):
 
 def test_mnist_without_data_dir_is_an_error(capsys):
     assert main(["train", "--dataset", "mnist", "--no-progress"]) == 2
-    assert "data_dir" in capsys.readouterr().err
+    assert "needs --data-dir" in capsys.readouterr().err
 
 
 def test_bad_dims_are_rejected(capsys):

@@ -257,8 +257,8 @@ def test_train_conv_cifar10_from_python_batches(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--dataset", "cifar10"], "needs data_dir"),
-        (["--collab", "all"], "--collab is an FFNet option"),
+        (["--dataset", "cifar10"], "needs --data-dir"),
+        (["--collab", "all"], "--collab applies to --model mlp only"),
         (["--kernel-size", "3,3,3"], "--kernel-size gives 3 sizes for 2 layers"),
         (["--channels", "25"], "dividing out_channels=25"),
     ],

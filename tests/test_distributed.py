@@ -330,7 +330,7 @@ def test_distributed_train_options_name_themselves(capsys, monkeypatch):
     assert main(["train", "--distributed", "pipeline", "--no-progress"]) == 2
     assert "--schedule simultaneous" in capsys.readouterr().err
     assert main(["train", "--micro-batches", "2", "--no-progress"]) == 2
-    assert "--micro-batches needs --distributed pipeline" in capsys.readouterr().err
+    assert "--micro-batches applies to --distributed pipeline only" in capsys.readouterr().err
     assert main(["train", "--distributed", "data", "--compare-reference", "--no-progress"]) == 2
     assert "--compare-reference" in capsys.readouterr().err
     assert main(["train", "--distributed", "data", "--no-progress"]) == 2

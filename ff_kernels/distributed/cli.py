@@ -11,6 +11,9 @@ import torch.distributed as dist
 from ff_kernels.distributed.comm import Comm
 from ff_kernels.distributed.training import MODES, fit, init
 
+# The train command's defaults for the distributed options (the parser leaves them None).
+DEFAULTS = {"timeout": 300.0}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train command's distributed options."""
@@ -20,16 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train --distributed data")
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="pipeline: micro-batches per batch (default 1; their gradients make one update)")
-    parser.add_argument("--timeout", type=float, default=300.0,
+    parser.add_argument("--timeout", type=float, default=None,
                         help="distributed: seconds any rank waits for another before the run fails (default 300)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Options that contradict ``--distributed`` (or need it) are errors naming the option."""
+    """Options that contradict ``--distributed`` are errors naming the option (the train command checks which options
+    apply)."""
     if args.distributed is None:
-        for option, value in (("--micro-batches", args.micro_batches),):
-            if value is not None:
-                raise ValueError(f"{option} needs --distributed pipeline")
         return
     if args.compare_reference:
         raise ValueError("--compare-reference trains in one process; leave it out with --distributed")
@@ -38,8 +39,6 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--distributed pipeline runs the simultaneous schedule (every layer steps on every batch): add "
             "--schedule simultaneous and a --batch-size"
         )
-    if args.micro_batches is not None and args.distributed != "pipeline":
-        raise ValueError("--micro-batches is a pipeline option; --distributed data splits each batch over the ranks")
     if args.micro_batches is not None and args.micro_batches <= 0:
         raise ValueError(f"--micro-batches must be a positive integer; got {args.micro_batches}")
     if not args.timeout > 0:
@@ -47,15 +46,19 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Join torchrun's process group, train on every rank, and report on rank 0 (every rank holds the network)."""
+    """Join torchrun's process group, train on every rank, and report on rank 0 (every rank holds the network).
+    The arguments are the ones that ``resolve_train_arguments`` filled in and checked."""
     from ff_kernels.cli import build_net, peak_memory_mib
     from ff_kernels.data import load_dataset
 
-    check_arguments(args)
     device = init(args.device, timeout=args.timeout)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
+        if args.distributed == "pipeline" and len(args.dims) < world:
+            raise ValueError(f"--distributed pipeline gives every rank at least one layer, but --dims has "
+                             f"{len(args.dims)} layer(s) for {world} ranks; use fewer ranks or --distributed data")
         dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+        net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
         if rank == 0:
             micro = f", {args.micro_batches or 1} micro-batch(es) per batch" if args.distributed == "pipeline" else ""
             print(
@@ -66,7 +69,6 @@ def run_train(args: argparse.Namespace) -> int:
                 f"({dist.get_backend()}, {torch.get_num_threads()} thread(s) each){micro}",
                 flush=True,
             )
-        net = build_net(args, dataset, args.backend, device)
         x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
         stats: dict = {}
         start = time.perf_counter()
