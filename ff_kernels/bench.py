@@ -591,6 +591,10 @@ def write_json(rows: Sequence[Row], env: dict[str, Any], path: Path) -> None:
 
 def plot(rows: Sequence[Row], env: dict[str, Any], path: Path) -> str | None:
     """Effective TFLOP/s per variant, one panel per dtype; returns why it was skipped, or None."""
+    timed = {r.variant for r in rows if name_timed(r)}
+    variants = [v for v in VARIANTS if v in timed]
+    if not variants:
+        return "no variant was timed (see the table's status column)"
     try:
         import matplotlib
 
@@ -600,10 +604,6 @@ def plot(rows: Sequence[Row], env: dict[str, Any], path: Path) -> str | None:
         return "matplotlib is not installed (pip install 'ff-kernels[bench]')"
     dtypes = list(dict.fromkeys(r.dtype for r in rows))
     shapes = list(dict.fromkeys(r.shape for r in rows))
-    timed = {r.variant for r in rows if name_timed(r)}
-    variants = [v for v in VARIANTS if v in timed]
-    if not variants:
-        return "no variant was timed (see the table's status column)"
     panel = max(5.0, 0.3 * len(shapes) * len(variants) + 1.5)
     fig, axes = plt.subplots(1, len(dtypes), figsize=(panel * len(dtypes), 4.5), squeeze=False)
     width = 0.8 / max(1, len(variants))

@@ -153,13 +153,16 @@ def test_cpu_ratios_pair_the_rounds():
     (["memory", "--batches", "32"], "--batches only applies to the conv nets"),
     (["memory", "--backend", "triton"], "backend='triton' is unavailable"),
 ])
-def test_options_a_mode_would_ignore_are_errors(argv, message, capsys):
+def test_options_a_mode_would_ignore_are_errors(argv, message, tmp_path, monkeypatch, capsys):
     from ff_kernels import cli
 
-    if argv[-1] == "triton" and torch.cuda.is_available():
-        pytest.skip("Triton runs on this machine")
-    assert cli.main([*argv, "--out", "/nonexistent-never-written"]) == 2
+    if argv[-1] == "triton":
+        if torch.cuda.is_available():
+            pytest.skip("Triton runs on this machine")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else the interpreter makes it available
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv", [
