@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ff_kernels._options import INT_DTYPES, check_choice, check_finite_number
+from ff_kernels._options import check_choice, check_finite_number
 from ff_kernels.heads import class_goodness, class_goodness_loss
-from ff_kernels.nn import check_backend, check_batch_size
+from ff_kernels.nn import check_backend, check_batch_size, check_targets
 
 MODELS = ("small_cnn", "resnet18", "mobilenet_v3_small")
 TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")
@@ -147,14 +147,8 @@ class _Trainer(nn.Module):
             raise TypeError(f"x must be a floating tensor; got {x.dtype}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
-        if y is None:
-            return
-        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(f"y must hold labels in [0, {self.num_classes}); got values from {low} to {high}")
+        if y is not None:
+            check_targets(y, x.shape[0], self.num_classes)
 
     def batches(self, rows: int, batch_size: int) -> list[torch.Tensor]:
         """A seeded permutation in batches of ``batch_size``; a last, partial batch is dropped when there is a full
@@ -185,8 +179,9 @@ class _Trainer(nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-        self.check_data(x, y, batch_size)
-        return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
+        predicted = self.predict(x, batch_size)  # checks x and batch_size
+        check_targets(y, x.shape[0], self.num_classes)
+        return float((predicted.cpu() == y.cpu()).float().mean())
 
     @classmethod
     def from_torchvision(

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ff_kernels._options import (
-    INT_DTYPES,
     LOSSES,
     ConvGeometry,
     check_choice,
@@ -31,7 +30,7 @@ from ff_kernels._options import (
 from ff_kernels.blockwise import LR_SCHEDULES, lr_factor
 from ff_kernels.conv import IntPair, ff_conv2d_class_step, ff_conv2d_forward, ff_conv2d_step
 from ff_kernels.net import NEGATIVES, SCHEDULES
-from ff_kernels.nn import check_backend, check_batch_size, positive_int
+from ff_kernels.nn import check_backend, check_batch_size, check_targets, positive_int
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import StepOutput
 
@@ -384,13 +383,8 @@ class FFConvNet(nn.Module):
             )
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
-        if y is None:
-            return
-        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"y must hold labels in [0, {self.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+        if y is not None:
+            check_targets(y, x.shape[0], self.num_classes)
 
     def _size_problem(self, size: tuple[int, int]) -> str | None:
         """Why images of ``size`` (height, width) cannot pass through the layers and pools, or None."""
@@ -529,8 +523,9 @@ class FFConvNet(nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-        self._check_data(x, y)
-        return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
+        predicted = self.predict(x, batch_size)  # checks x
+        check_targets(y, x.shape[0], self.num_classes)
+        return float((predicted.cpu() == y.cpu()).float().mean())
 
     def save(self, path: str) -> None:
         """The config, the weights and the optimizer state, enough to resume training."""

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ff_kernels._options import INT_DTYPES, check_choice
-from ff_kernels.nn import FFLinear, check_batch_size, positive_int
+from ff_kernels._options import check_choice
+from ff_kernels.nn import FFLinear, check_batch_size, check_targets, positive_int
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
@@ -173,13 +173,8 @@ class FFNet(nn.Module):
             raise ValueError("x is empty")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
-        if y is None:
-            return
-        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.dtype not in INT_DTYPES:
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {got}")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"y must hold labels in [0, {self.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+        if y is not None:
+            check_targets(y, x.shape[0], self.num_classes)
 
     def _batches(self, rows: int, batch_size: int | None) -> list[torch.Tensor] | list[slice]:
         if batch_size is None or batch_size >= rows:
@@ -331,8 +326,9 @@ class FFNet(nn.Module):
         return self.label_goodness(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-        self._check_data(x, y)
-        return float((self.predict(x, batch_size).cpu() == y.cpu()).float().mean())
+        predicted = self.predict(x, batch_size)  # checks x
+        check_targets(y, x.shape[0], self.num_classes)
+        return float((predicted.cpu() == y.cpu()).float().mean())
 
     def save(self, path: str) -> None:
         """The config, the weights and the optimizer state, enough to resume training."""

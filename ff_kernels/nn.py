@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ff_kernels import dispatch
-from ff_kernels._options import BACKENDS, check_choice, check_compute_dtype, check_step_options
+from ff_kernels._options import BACKENDS, INT_DTYPES, check_choice, check_compute_dtype, check_step_options
 from ff_kernels.functional import ff_linear_forward, ff_linear_step
 from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFStepOutput
@@ -25,6 +25,16 @@ def check_batch_size(batch_size: object, allow_none: bool = False) -> None:
     if not (positive_int(batch_size) or (allow_none and batch_size is None)):
         full = " or None (full batch)" if allow_none else ""
         raise ValueError(f"batch_size must be positive: an integer >= 1{full}; got {batch_size!r}")
+
+
+def check_targets(y: object, rows: int, num_classes: int) -> None:
+    """The labels of a model's fit or accuracy: one integer label per sample (any integer dtype), in range."""
+    if not isinstance(y, torch.Tensor) or y.shape != (rows,) or y.dtype not in INT_DTYPES:
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of shape ({rows},); got {got}")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"y must hold labels in [0, {num_classes}); got values from {low} to {high}")
 
 
 def check_backend(backend: str, *ops: str) -> None:
