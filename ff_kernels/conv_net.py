@@ -30,7 +30,7 @@ from ff_kernels._options import (
 from ff_kernels.blockwise import LR_SCHEDULES, lr_factor
 from ff_kernels.conv import IntPair, ff_conv2d_class_step, ff_conv2d_forward, ff_conv2d_step
 from ff_kernels.net import NEGATIVES, SCHEDULES
-from ff_kernels.nn import check_backend, check_batch_size, check_targets, positive_int
+from ff_kernels.nn import check_backend, check_batch_size, check_targets, is_count
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import StepOutput
 
@@ -75,7 +75,7 @@ class FFConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not (positive_int(in_channels) and positive_int(out_channels)):
+        if not (is_count(in_channels) and is_count(out_channels)):
             raise ValueError(
                 f"in_channels and out_channels must be positive integers; got {in_channels!r}, {out_channels!r}"
             )
@@ -83,7 +83,7 @@ class FFConv2d(nn.Module):
         self.loss = check_choice("loss", loss, CONV_LOSSES)
         normalize = normalize or ("none" if loss == "class" else "l2")
         if loss == "class":
-            if not positive_int(num_classes) or num_classes < 2 or out_channels % num_classes:
+            if not is_count(num_classes) or num_classes < 2 or out_channels % num_classes:
                 raise ValueError(
                     f"loss='class' needs num_classes >= 2 dividing out_channels={out_channels}; got {num_classes!r}"
                 )
@@ -246,13 +246,13 @@ class FFConvNet(nn.Module):
     ) -> None:
         super().__init__()
         channels = list(channels)
-        if not positive_int(in_channels) or not channels or not all(positive_int(c) for c in channels):
+        if not is_count(in_channels) or not channels or not all(is_count(c) for c in channels):
             raise ValueError(
                 f"in_channels and channels must be positive integers, with at least one layer; got {in_channels!r}, "
                 f"{channels!r}"
             )
         channels = [int(c) for c in channels]
-        if not positive_int(num_classes) or num_classes < 2:
+        if not is_count(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be at least 2; got {num_classes!r}")
         check_choice("loss", loss, CONV_LOSSES)
         check_choice("negatives", negatives, NEGATIVES)
@@ -261,7 +261,7 @@ class FFConvNet(nn.Module):
         check_choice("next_norm", next_norm, NEXT_NORMS)
         pools = [bool(pool)] * len(channels) if isinstance(pool, bool) else [bool(p) for p in pool]
         kernels = list(kernel_size) if isinstance(kernel_size, Sequence) else [kernel_size] * len(channels)
-        if not all(positive_int(k) for k in kernels):
+        if not all(is_count(k) for k in kernels):
             raise ValueError(f"kernel_size must be a positive integer or one per layer; got {kernel_size!r}")
         kernels = [int(k) for k in kernels]
         for name, values in (("pool", pools), ("kernel_size", kernels)):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ff_kernels._options import check_choice
-from ff_kernels.nn import FFLinear, check_batch_size, check_targets, positive_int
+from ff_kernels.nn import FFLinear, check_batch_size, check_targets, is_count
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
@@ -67,12 +67,12 @@ class FFNet(nn.Module):
     ) -> None:
         super().__init__()
         dims = list(dims)
-        if len(dims) < 2 or not all(positive_int(d) for d in dims):
+        if len(dims) < 2 or not all(is_count(d) for d in dims):
             raise ValueError(
                 f"dims must list the input size and at least one layer width, all positive integers; got {dims}"
             )
         dims = [int(d) for d in dims]
-        if not positive_int(num_classes) or num_classes < 2:
+        if not is_count(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be at least 2; got {num_classes!r}")
         self.overlay = check_choice("overlay", overlay, OVERLAYS)
         self.negatives = check_choice("negatives", negatives, NEGATIVES)

@@ -15,14 +15,14 @@ from ff_kernels.optim import FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
 
-def positive_int(value: object) -> bool:
+def is_count(value: object) -> bool:
     """Whether ``value`` is a count: a positive integer (numpy's too), not a bool or a float."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
 
 
 def check_batch_size(batch_size: object, allow_none: bool = False) -> None:
     """The batch size of fit, predict and accuracy: zero or a negative one would loop not at all or forever."""
-    if not (positive_int(batch_size) or (allow_none and batch_size is None)):
+    if not (is_count(batch_size) or (allow_none and batch_size is None)):
         full = " or None (full batch)" if allow_none else ""
         raise ValueError(f"batch_size must be positive: an integer >= 1{full}; got {batch_size!r}")
 
@@ -73,7 +73,7 @@ class FFLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not (positive_int(in_features) and positive_int(out_features)):
+        if not (is_count(in_features) and is_count(out_features)):
             raise ValueError(
                 f"in_features and out_features must be positive integers; got {in_features!r}, {out_features!r}"
             )
