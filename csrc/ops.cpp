@@ -27,12 +27,15 @@
 //                  rows or (B, C, H, W) channels-last images, in fp32 (fp64 for fp64): the conv steps' goodness
 //   cpu_kernels -> the CPU capability the fused passes run with here (ATen's: "AVX512", "AVX2" or "DEFAULT";
 //                  "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)
+//   cpu_mm      -> a b through the CPU step's GEMM (cpu/gemm.h), for the benchmarks' floor of the fused path
+//   cpu_gemm_library -> the library the CPU step's fp32 GEMMs run in here: "onednn" or "aten" (cpu/gemm.h)
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cuda/plan.h"
 
@@ -84,7 +87,9 @@ TORCH_LIBRARY(ff_kernels_ext, m) {
   m.def("cpu_forward(Tensor x, Tensor w, Tensor? b, float kappa, str normalize, float eps, ScalarType compute_dtype, "
         "bool check_finite) -> (Tensor, Tensor)");
   m.def("cpu_group_goodness(Tensor h, int groups, float kappa) -> Tensor");
+  m.def("cpu_mm(Tensor a, Tensor b) -> Tensor");
   m.def("cpu_kernels() -> str", &cpu_kernels);
+  m.def("cpu_gemm_library() -> str", &ffk::cpu::gemm_library);
 }
 
 // `import ff_kernels._C` loads this library (running the registrations above); the module itself is empty.

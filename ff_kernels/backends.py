@@ -126,12 +126,17 @@ def cpu_bf16_matmul() -> bool:
 
 
 def cpu_info() -> dict[str, object]:
-    """What a CPU benchmark records beside its numbers: the model, ATen's vector ISA and bf16 matmul support."""
+    """What a CPU benchmark records beside its numbers: the model, ATen's vector ISA, bf16 matmul support and the
+    library of the fused step's fp32 GEMMs."""
+    from ff_kernels.ops import cuda_step
+
     model = _cpuinfo("model name")
+    built = cuda_step.extension_unavailable_reason(torch.device("cpu")) is None
     return {
         "cpu_model": model or platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_matmul": cpu_bf16_matmul(),
+        "cpu_fp32_gemm": cuda_step.cpu_gemm_library() if built else "aten (extension not built)",
     }
 
 

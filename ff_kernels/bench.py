@@ -12,7 +12,11 @@ every configuration times all variants together:
   fp32 weights and runs the GEMMs in the row's dtype (``compute_dtype``), as the CPU bf16 target asks;
 - ``compile``: ``torch.compile`` of the closed-form step (``backend="torch"``) with the same Adam update inside the
   compiled graph (the bias corrections enter as device tensors, so the step count never forces a recompile);
-- ``gemm_floor``: the step's two GEMMs alone via ``torch.mm``, (M,K)x(K,N) and (N,M)x(M,K), M = P+Q.
+- ``gemm_floor``: the step's two GEMMs alone via ``torch.mm``, (M,K)x(K,N) and (N,M)x(M,K), M = P+Q (DESIGN 4's
+  floor);
+- ``gemm_floor_ext`` (CPU, with the extension): the same two GEMMs through the fused CPU step's own GEMM
+  (``cpu_mm``: oneDNN's matmul for fp32 on x86 CPUs other than Intel's, where it beats ATen's MKL; ATen's mm
+  elsewhere), so that the step's cost above its own GEMMs shows beside its cost above ``torch.mm``.
 
 Effective TFLOP/s counts those two GEMMs, 4*M*K*N flops per step, for every variant. On CUDA each variant is
 timed with ``triton.testing.do_bench`` (CUDA events when Triton is missing) and its peak memory above its inputs
@@ -47,8 +51,9 @@ from ff_kernels.backends import cpu_info, resolve_backend
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DESIGN_ROWS = (512, 4096, 25000)
 DESIGN_KN = ((784, 500), (500, 500), (2000, 2000), (4096, 4096))
-VARIANTS = ("eager", "auto", "reference", "torch", "torch_mixed", "triton", "cuda", "compile", "gemm_floor")
-STEP_VARIANTS = frozenset(VARIANTS) - {"gemm_floor"}
+VARIANTS = ("eager", "auto", "reference", "torch", "torch_mixed", "triton", "cuda", "compile", "gemm_floor",
+            "gemm_floor_ext")
+STEP_VARIANTS = frozenset(VARIANTS) - {"gemm_floor", "gemm_floor_ext"}
 THRESHOLD, LR = 2.0, 1e-3
 
 
@@ -197,15 +202,28 @@ def _eager_step(problem: Problem) -> Callable[[], Any]:
     return lambda: layer.step(problem.x_pos, problem.x_neg)
 
 
-def _gemm_floor(problem: Problem) -> Callable[[], Any]:
+def _gemm_floor(problem: Problem, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mm
+                ) -> Callable[[], Any]:
     x = torch.cat([problem.x_pos, problem.x_neg])
     w = problem.weight
 
     def call() -> Any:
-        h = torch.mm(x, w.t())
-        return torch.mm(h.t(), x)
+        h = mm(x, w.t())
+        return mm(h.t(), x)
 
     return call
+
+
+def _ext_gemm_floor(problem: Problem, device: torch.device) -> Callable[[], Any] | str:
+    """The two GEMMs through the fused CPU step's GEMM, or why that does not run here."""
+    if device.type != "cpu":
+        return "CPU only: the fused CPU step's own GEMMs"
+    from ff_kernels.ops import cuda_step
+
+    reason = cuda_step.extension_unavailable_reason(device)
+    if reason is not None:
+        return f"unavailable: {reason}"
+    return _gemm_floor(problem, cuda_step.cpu_mm)
 
 
 def default_compile_mode(device: torch.device) -> str | None:
@@ -220,6 +238,8 @@ def build_variant(name: str, problem: Problem, device: torch.device, compile_mod
         return _eager_step(problem)
     if name == "gemm_floor":
         return _gemm_floor(problem)
+    if name == "gemm_floor_ext":
+        return _ext_gemm_floor(problem, device)
     if name == "compile":
         return _compiled_step(problem, compile_mode)
     if name == "auto":
@@ -325,6 +345,9 @@ class Row:
     vs_compile_p75: float = math.nan
     over_floor_p25: float = math.nan
     over_floor_p75: float = math.nan
+    over_ext_floor: float = math.nan
+    over_ext_floor_p25: float = math.nan
+    over_ext_floor_p75: float = math.nan
     vs_eager_fp32: float = math.nan
     peak_mib: float = math.nan
     extra_pct_h: float = math.nan
@@ -396,13 +419,14 @@ def bench_config(problem: Problem, device: torch.device, variants: Sequence[str]
     paired = device.type != "cuda"  # time_cpu's samples are rounds: the i-th of each variant ran side by side
     for name, row in rows.items():
         for ref, attr, invert in (("eager", "vs_eager", False), ("compile", "vs_compile", False),
-                                  ("gemm_floor", "over_floor", True)):
+                                  ("gemm_floor", "over_floor", True),
+                                  ("gemm_floor_ext", "over_ext_floor", True)):
             if ref not in samples or name not in samples:
                 continue
             if paired:
                 median, p25, p75 = paired_ratio(samples[ref], samples[name], invert)
                 setattr(row, attr, median)
-                if attr in ("vs_compile", "over_floor"):
+                if attr != "vs_eager":
                     setattr(row, f"{attr}_p25", p25)
                     setattr(row, f"{attr}_p75", p75)
             else:
@@ -534,7 +558,7 @@ def _fmt(value: float, width: int, spec: str, suffix: str = "") -> str:
 def format_table(rows: Sequence[Row]) -> str:
     """The printed table: one block per (shape, dtype); a non-ok status replaces the numbers."""
     header = (f"{'variant':<12}{'median ms':>11}{'IQR %':>8}{'TFLOP/s':>9}{'x eager':>9}{'x compile':>10}"
-              f"{'/ floor':>9}{'x eager32':>10}{'peak MiB':>10}")
+              f"{'/ floor':>9}{'/ ext floor':>12}{'x eager32':>10}{'peak MiB':>10}")
     gpu_header = f"{'extra %h':>9}{'model floor (H100)':>20}{'split %h (model)':>18}"
     lines = []
     key = None
@@ -550,7 +574,8 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(
             f"{row.variant:<12}{_fmt(row.median_ms, 11, '.3f')}{_fmt(iqr, 8, '.1f')}{_fmt(row.tflops, 9, '.3f')}"
             f"{_fmt(row.vs_eager, 9, '.2f', 'x')}{_fmt(row.vs_compile, 10, '.2f', 'x')}"
-            f"{_fmt(row.over_floor, 9, '.2f', 'x')}{_fmt(row.vs_eager_fp32, 10, '.2f', 'x')}"
+            f"{_fmt(row.over_floor, 9, '.2f', 'x')}{_fmt(row.over_ext_floor, 12, '.2f', 'x')}"
+            f"{_fmt(row.vs_eager_fp32, 10, '.2f', 'x')}"
             f"{_fmt(row.peak_mib, 10, '.1f')}"
             + (_fmt(row.extra_pct_h, 9, '.1f') + _fmt(row.model_floor_ms, 20, '.3f', ' ms')
                + _fmt(row.model_split_pct_h, 18, '.1f') if row.device == "cuda" else "")
@@ -560,7 +585,9 @@ def format_table(rows: Sequence[Row]) -> str:
 
 LEGEND = (
     "x eager / x compile: speed-up over the eager (mohammadpz) step and over torch.compile of the torch step "
-    "(>1 is faster); / floor: time over the two bare GEMMs (1.0 is the floor); on the CPU these three are medians "
+    "(>1 is faster); / floor: time over the two bare GEMMs through torch.mm (1.0 is the floor, DESIGN 4's); / ext "
+    "floor (CPU): time over the same GEMMs through the fused CPU step's own GEMM (oneDNN on non-Intel x86, where it "
+    "beats torch.mm's MKL; ATen's mm elsewhere); on the CPU these four are medians "
     "of the per-round ratios (each round times every variant once, side by side; the JSON has their quartiles), on "
     "CUDA ratios of the medians; x eager32: speed-up over the fp32 "
     "eager step of the same shape; IQR %: interquartile range over the median; peak MiB: CUDA peak above inputs; "

@@ -47,6 +47,29 @@ def test_bench_rows_and_ratios():
     assert "gemm_floor" in table and "bfloat16" in table
 
 
+def test_bench_ext_floor_is_the_fused_steps_own_gemms():
+    """gemm_floor_ext times the two GEMMs through the fused CPU step's GEMM: a row of its own and, for every step
+    variant, the time over it (paired quartiles included); without the extension the row says why."""
+    from ff_kernels.ops import cuda_step
+
+    rows = bench.run_benchmarks([bench.Shape(16, 16, 24, 8)], ["float32"], torch.device("cpu"),
+                                ["torch", "gemm_floor", "gemm_floor_ext"], repeats=3)
+    by = {r.variant: r for r in rows}
+    reason = cuda_step.extension_unavailable_reason("cpu")
+    if reason is not None:
+        assert by["gemm_floor_ext"].status == f"unavailable: {reason}"
+        return
+    assert by["gemm_floor_ext"].status == "ok" and by["gemm_floor_ext"].over_ext_floor == pytest.approx(1.0)
+    torch_row = by["torch"]
+    assert torch_row.over_ext_floor_p25 <= torch_row.over_ext_floor <= torch_row.over_ext_floor_p75
+    assert "/ ext floor" in bench.format_table(rows)
+    problem = bench.make_problem(bench.Shape(5, 4, 9, 6), torch.float32, torch.device("cpu"))
+    x = torch.cat([problem.x_pos, problem.x_neg])
+    floor = bench.build_variant("gemm_floor_ext", problem, torch.device("cpu"))()
+    torch.testing.assert_close(floor, (x @ problem.weight.t()).t() @ x)
+    assert bench.build_variant("gemm_floor_ext", problem, torch.device("meta")).startswith("CPU only")
+
+
 def test_bench_records_a_compile_failure(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

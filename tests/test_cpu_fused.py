@@ -339,6 +339,83 @@ def test_opcheck() -> None:
     torch.library.opcheck(ops.cpu_forward.default, (x_pos, w, None, 1 / 3, "rms", 1e-4, torch.bfloat16, True))
     h = torch.rand(3, 12, 5, 4).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(ops.cpu_group_goodness.default, (h, 4, 0.5))
+    torch.library.opcheck(ops.cpu_mm.default, (torch.randn(6, 5), torch.randn(5, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("m,k,n", [(7, 5, 3), (300, 200, 150), (150, 0, 4)], ids=["small", "onednn-sized", "k0"])
+def test_cpu_mm_is_a_matrix_product(dtype, m, k, n) -> None:
+    """The step's GEMM (oneDNN for fp32 products of 2^21 multiply-adds and more on non-Intel x86, ATen's mm
+    otherwise) against a float64 product, on rows and on a transposed view, as the step calls it."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    expected = a.double() @ b.double().t()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    for got in (cuda_step.cpu_mm(a, b.t()), cuda_step.cpu_mm(b, a.t()).t()):
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * max(1.0, k**0.5))
+
+
+def test_cpu_mm_refuses_bad_operands() -> None:
+    with pytest.raises(RuntimeError, match=r"\(M, K\) and \(K, N\)"):
+        cuda_step.cpu_mm(torch.randn(3, 4), torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cuda_step.cpu_mm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
+
+
+_GEMM_SCRIPT = """
+import json, torch, ff_kernels as ffk
+from ff_kernels.ops import cuda_step
+from test_contract import make_case
+args, kwargs = make_case(300, 260, 300, 200)
+w, b = args[2].clone(), args[3].clone()
+opt = ffk.optim.Adam([w, b], lr=0.01)
+plain = ffk.ff_linear_step(*args, **kwargs)
+ffk.ff_linear_step(args[0], args[1], w, b, **kwargs, optimizer=opt)
+print(json.dumps({"library": cuda_step.cpu_gemm_library(), "loss": plain.loss.item(),
+                  "grad_weight": plain.grad_weight.tolist(), "h_neg": plain.h_neg.sum().item(), "w": w.tolist()}))
+"""
+
+
+def _run_with_gemm(choice: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FF_KERNELS_CPU_GEMM": choice, "PYTHONPATH": os.path.dirname(__file__)}
+    return subprocess.run([sys.executable, "-c", _GEMM_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_both_gemm_libraries_meet_the_contract() -> None:
+    """FF_KERNELS_CPU_GEMM forces either library (the default picks one by CPU vendor, so CI on one kind of CPU would
+    test one): both meet the float64 contract at a shape that reaches oneDNN, plain and with the fused Adam, and
+    agree with each other to fp32 rounding; an unknown value is refused with its name."""
+    args, kwargs = make_case(300, 260, 300, 200)
+    reference = ffk.ff_linear_step(*args, **kwargs, backend="reference")
+    results = {}
+    for choice in ("aten", "onednn"):
+        proc = _run_with_gemm(choice)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[choice] = out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["library"] == choice
+        assert out["loss"] == pytest.approx(reference.loss.item(), rel=1e-5)
+        torch.testing.assert_close(torch.tensor(out["grad_weight"]), reference.grad_weight, rtol=1e-4, atol=1e-6)
+    # Adam's first step is about lr * sign(g): 1e-5 is 0.1% of it (where g is near eps, its rounding shows)
+    torch.testing.assert_close(torch.tensor(results["aten"]["w"]), torch.tensor(results["onednn"]["w"]),
+                               rtol=1e-5, atol=1e-5)
+    proc = _run_with_gemm("blas")
+    assert proc.returncode != 0 and "FF_KERNELS_CPU_GEMM must be aten, onednn or auto; got 'blas'" in proc.stderr
+
+
+def test_default_gemm_library_follows_the_cpu_vendor() -> None:
+    """oneDNN on x86 CPUs other than Intel's (where ATen's fp32 mm is MKL, off its home ground), ATen elsewhere."""
+    if os.environ.get("FF_KERNELS_CPU_GEMM", "auto") not in ("", "auto"):
+        pytest.skip("FF_KERNELS_CPU_GEMM is set: the choice is the user's")
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    vendor = backends._cpuinfo("vendor_id")
+    if vendor is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+    onednn = x86 and vendor not in (None, "GenuineIntel") and torch.backends.mkldnn.is_available() and \
+        torch.backends.mkl.is_available()
+    assert cuda_step.cpu_gemm_library() == ("onednn" if onednn else "aten")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -1,4 +1,4 @@
-// The fused CPU passes of the layer step, between and after the two ATen GEMMs (DESIGN 3 on a CPU):
+// The fused CPU passes of the layer step, between and after its two GEMMs (gemm.h; DESIGN 3 on a CPU):
 //
 //   scale_rows   x_pos, x_neg -> the row scales r_i and the finiteness scan in one read of x, and xs = [r_i x_i] in
 //                the compute dtype when x is in another dtype (or, below, r_i is not folded);

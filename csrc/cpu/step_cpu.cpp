@@ -1,6 +1,6 @@
-// CPU implementation of the ff_kernels_ext ops: the fused CPU step. Two ATen GEMMs (MKL/oneDNN; bf16 and fp16 with
-// fp32 accumulation) and three fused vector passes around them (kernels.h): the row scales with the finiteness scan
-// (and the scaled copy of x where x needs a conversion); GEMM 1's epilogue with the goodness, the loss, the
+// CPU implementation of the ff_kernels_ext ops: the fused CPU step. Two GEMMs (gemm.h: ATen's mm, bf16 and fp16
+// with fp32 accumulation, or oneDNN's matmul for fp32 on non-Intel x86) and three fused vector passes around them
+// (kernels.h): the row scales with the finiteness scan (and the scaled copy of x where x needs a conversion); GEMM 1's epilogue with the goodness, the loss, the
 // coefficients, GEMM 2's operand and grad_b; the optimizer update (or the gradients' store). GEMM 2's operands
 // follow the rule of ff_kernels.h's coefficient_scale: (c_i / 2^s) h_i and r_i x_i, or (c_i r_i / 2^s) h_i and x_i.
 //
@@ -10,9 +10,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/as_strided_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +19,7 @@
 #include <tuple>
 
 #include "../ff_kernels.h"
+#include "gemm.h"
 #include "kernels.h"
 
 namespace {
@@ -219,25 +218,25 @@ Operand scale_rows(const Tensor& x_pos, const Tensor& x_neg, const Layer& layer,
 void mm_rows(Tensor& out, const Operand& x, const Tensor& m) {
   RECORD_FUNCTION("ffk::cpu::gemm1", {});
   if (x.both.defined()) {
-    at::cpu::mm_out(out, x.both, m);
+    ffk::cpu::gemm(out, x.both, m);
     return;
   }
   const int64_t rows_pos = x.pos.size(0);
   Tensor out_pos = out.narrow(0, 0, rows_pos), out_neg = out.narrow(0, rows_pos, x.neg.size(0));
-  at::cpu::mm_out(out_pos, x.pos, m);
-  at::cpu::mm_out(out_neg, x.neg, m);
+  ffk::cpu::gemm(out_pos, x.pos, m);
+  ffk::cpu::gemm(out_neg, x.neg, m);
 }
 
 // out = a^T x, or the sum of the two batches' products (the second accumulated into out by the GEMM, beta = 1).
 void mm_transposed_rows(Tensor& out, const Tensor& a, const Operand& x) {
   RECORD_FUNCTION("ffk::cpu::gemm2", {});
   if (x.both.defined()) {
-    at::cpu::mm_out(out, transposed(a), x.both);
+    ffk::cpu::gemm(out, transposed(a), x.both);
     return;
   }
   const int64_t rows_pos = x.pos.size(0);
-  at::cpu::mm_out(out, transposed(a.narrow(0, 0, rows_pos)), x.pos);
-  at::cpu::addmm_(out, transposed(a.narrow(0, rows_pos, x.neg.size(0))), x.neg);
+  ffk::cpu::gemm(out, transposed(a.narrow(0, 0, rows_pos)), x.pos);
+  ffk::cpu::gemm(out, transposed(a.narrow(0, rows_pos, x.neg.size(0))), x.neg, /*accumulate=*/true);
 }
 
 // GEMM 1 (z = xs W^T in the compute dtype, accumulated in fp32; one call for both batches where xs is one matrix)
@@ -494,6 +493,21 @@ Tensor cpu_group_goodness(const Tensor& h, int64_t groups, double kappa) {
   return out;
 }
 
+// a b through the step's GEMM (gemm.h): what `bench` times as the fused path's own GEMM floor.
+Tensor cpu_mm(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "cpu_mm takes CPU tensors; got ", a.device(), " and ",
+              b.device());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "cpu_mm takes (M, K) and (K, N); got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(is_float(a.scalar_type()) && a.scalar_type() == b.scalar_type(),
+              "cpu_mm takes two floating tensors of one dtype; got ", a.scalar_type(), " and ", b.scalar_type());
+  Tensor out = empty({a.size(0), b.size(1)}, a.scalar_type());
+  if (a.size(1) == 0) return out.zero_();
+  RECORD_FUNCTION("ffk::cpu::gemm", {});
+  ffk::cpu::gemm(out, a, b);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The CUDA ops' CPU twins: the same core in the parameters' dtype, without the finiteness scan.
 // ---------------------------------------------------------------------------------------------------------------
@@ -572,4 +586,5 @@ TORCH_LIBRARY_IMPL(ff_kernels_ext, CPU, m) {
   m.impl("cpu_step_", &cpu_step);
   m.impl("cpu_forward", &cpu_forward);
   m.impl("cpu_group_goodness", &cpu_group_goodness);
+  m.impl("cpu_mm", &cpu_mm);
 }

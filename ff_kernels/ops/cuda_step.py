@@ -198,6 +198,10 @@ def _on_loaded() -> None:
         acc = torch.promote_types(compute_dtype, torch.float32)
         return x.new_empty((x.shape[0], w.shape[0]), dtype=compute_dtype), x.new_empty((x.shape[0],), dtype=acc)
 
+    @register("ff_kernels_ext::cpu_mm")
+    def _(a, b):
+        return a.new_empty((a.shape[0], b.shape[1]))
+
     @register("ff_kernels_ext::cpu_group_goodness")
     def _(h, groups, kappa):
         return h.new_empty((h.shape[0], groups), dtype=torch.promote_types(h.dtype, torch.float32))
@@ -344,6 +348,19 @@ def cpu_kernels() -> str:
     which ``ATEN_CPU_CAPABILITY`` overrides; "AVX512_BF16" for AVX512 on a CPU with AVX512-BF16)."""
     require_extension(torch.device("cpu"))
     return torch.ops.ff_kernels_ext.cpu_kernels()
+
+
+def cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` through the fused CPU step's GEMM (``cpu_gemm_library``): the floor of that path's two GEMMs."""
+    require_extension(torch.device("cpu"))
+    return torch.ops.ff_kernels_ext.cpu_mm(a, b)
+
+
+def cpu_gemm_library() -> str:
+    """The library the fused CPU step's fp32 GEMMs run in on this machine: "onednn" (x86 CPUs other than Intel's,
+    where ATen's MKL is slower) or "aten" (ATen's mm); ``FF_KERNELS_CPU_GEMM=aten|onednn`` overrides it."""
+    require_extension(torch.device("cpu"))
+    return torch.ops.ff_kernels_ext.cpu_gemm_library()
 
 
 def _check_cuda_options(w: torch.Tensor, compute_dtype: torch.dtype | None, check_finite: bool) -> None:
