@@ -557,7 +557,7 @@ def _fmt(value: float, width: int, spec: str, suffix: str = "") -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """The printed table: one block per (shape, dtype); a non-ok status replaces the numbers."""
-    header = (f"{'variant':<12}{'median ms':>11}{'IQR %':>8}{'TFLOP/s':>9}{'x eager':>9}{'x compile':>10}"
+    header = (f"{'variant':<15}{'median ms':>11}{'IQR %':>8}{'TFLOP/s':>9}{'x eager':>9}{'x compile':>10}"
               f"{'/ floor':>9}{'/ ext floor':>12}{'x eager32':>10}{'peak MiB':>10}")
     gpu_header = f"{'extra %h':>9}{'model floor (H100)':>20}{'split %h (model)':>18}"
     lines = []
@@ -568,11 +568,11 @@ def format_table(rows: Sequence[Row]) -> str:
             model = gpu_header if row.device == "cuda" else ""
             lines += ["", f"{row.device} {row.dtype} {row.shape.label()} (M={row.shape.rows})", header + model]
         if row.status != "ok":
-            lines.append(f"{row.variant:<12}  {row.status[:100]}")
+            lines.append(f"{row.variant:<15}  {row.status[:100]}")
             continue
         iqr = 100 * (row.p75_ms - row.p25_ms) / row.median_ms
         lines.append(
-            f"{row.variant:<12}{_fmt(row.median_ms, 11, '.3f')}{_fmt(iqr, 8, '.1f')}{_fmt(row.tflops, 9, '.3f')}"
+            f"{row.variant:<15}{_fmt(row.median_ms, 11, '.3f')}{_fmt(iqr, 8, '.1f')}{_fmt(row.tflops, 9, '.3f')}"
             f"{_fmt(row.vs_eager, 9, '.2f', 'x')}{_fmt(row.vs_compile, 10, '.2f', 'x')}"
             f"{_fmt(row.over_floor, 9, '.2f', 'x')}{_fmt(row.over_ext_floor, 12, '.2f', 'x')}"
             f"{_fmt(row.vs_eager_fp32, 10, '.2f', 'x')}"
