@@ -15,6 +15,10 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
   torch_req="${FF_KERNELS_TORCH:-torch==2.13.0}"
 fi
+. scripts/require-space.sh
+if ! python -c "import torch" >/dev/null 2>&1; then
+  require_space 3 "installing torch, triton and the test tools into .venv"
+fi
 pip install --quiet --disable-pip-version-check "$torch_req"
 # The C++/CUDA extension (ff_kernels._C) is compiled against the torch installed above, so the project is built
 # without build isolation; these are the build requirements that pip would otherwise have installed.

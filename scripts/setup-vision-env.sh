@@ -15,6 +15,8 @@ if [ ! -x .venv-vision/bin/python ]; then
 fi
 . .venv-vision/bin/activate
 if ! python -c "import torchvision" >/dev/null 2>&1; then
+  . scripts/require-space.sh
+  require_space 7 "installing $torch_req and $vision_req (a 5.5 GB CUDA build) into .venv-vision"
   pip install --quiet --disable-pip-version-check "$torch_req" "$vision_req"
 fi
 pip install --quiet --disable-pip-version-check "setuptools>=64" wheel
