@@ -345,7 +345,7 @@ def test_opcheck() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("m,k,n", [(7, 5, 3), (300, 200, 150), (150, 0, 4)], ids=["small", "onednn-sized", "k0"])
 def test_cpu_mm_is_a_matrix_product(dtype, m, k, n) -> None:
-    """The step's GEMM (oneDNN for fp32 products of 2^21 multiply-adds and more on non-Intel x86, ATen's mm
+    """The step's GEMM (oneDNN for fp32 products of 2^23 multiply-adds and more on non-Intel x86, ATen's mm
     otherwise) against a float64 product, on rows and on a transposed view, as the step calls it."""
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
