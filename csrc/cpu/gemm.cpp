@@ -31,7 +31,8 @@ namespace {
 // 224^3 (11M) 154 / 156 us, 64x500x500 (16M) 239 / 198 us, 128x784x500 (50M) 629 / 536 us.
 constexpr int64_t kOneDnnMinMacs = int64_t{1} << 23;
 
-bool intel_cpu() {
+// An x86 CPU whose vendor (CPUID leaf 0) is not "GenuineIntel"; false on other architectures.
+bool x86_other_than_intel() {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned int max_leaf = 0, ebx = 0, ecx = 0, edx = 0;
   if (__get_cpuid(0, &max_leaf, &ebx, &ecx, &edx) == 0) return false;
@@ -39,7 +40,7 @@ bool intel_cpu() {
   std::memcpy(vendor, &ebx, 4);
   std::memcpy(vendor + 4, &edx, 4);
   std::memcpy(vendor + 8, &ecx, 4);
-  return std::string_view(vendor) == "GenuineIntel";
+  return std::string_view(vendor) != "GenuineIntel";
 #else
   return false;
 #endif
@@ -58,11 +59,7 @@ bool choose_onednn() {
   TORCH_CHECK_VALUE(choice == "auto" || choice.empty(), "FF_KERNELS_CPU_GEMM must be aten, onednn or auto; got '",
                     choice, "'");
   // MKL's own kernels on Intel CPUs; elsewhere on x86 (where ATen's fp32 mm is MKL) oneDNN's.
-#if defined(__x86_64__) || defined(__i386__)
-  return onednn_available() && at::hasMKL() && !intel_cpu();
-#else
-  return false;
-#endif
+  return x86_other_than_intel() && onednn_available() && at::hasMKL();
 }
 
 bool use_onednn() {
