@@ -111,7 +111,6 @@ def defer_step(
 _BATCH_NAMES = ("x_pos", "x_neg")
 
 
-
 def check_now(device: torch.device | None = None) -> None:
     """Read the pending results of ``device`` (every device if None) and raise ValueError for a non-finite one."""
     for dev in [d for d in _pending if device is None or d == device]:

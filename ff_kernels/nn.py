@@ -32,7 +32,7 @@ def check_targets(y: object, rows: int, num_classes: int) -> None:
     if not isinstance(y, torch.Tensor) or y.shape != (rows,) or y.dtype not in INT_DTYPES:
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"y must be an integer tensor of shape ({rows},); got {got}")
-    low, high = int(y.min()), int(y.max())
+    low, high = (int(v) for v in torch.aminmax(y))  # one reduction, as _options.check_labels
     if low < 0 or high >= num_classes:
         raise ValueError(f"y must hold labels in [0, {num_classes}); got values from {low} to {high}")
 
