@@ -252,10 +252,10 @@ def test_a_rank_that_raises_ends_every_rank_naming_it(faults, mode, world, bad_r
         assert error is not None, f"rank {rank} finished although rank {bad_rank} failed"
         assert f"rank {bad_rank} raised ValueError: injected failure" in error, error
         if rank == bad_rank:
-            assert error.startswith(f"rank {bad_rank} raised")
+            assert error.startswith(f"rank {bad_rank} raised"), error
         else:
             assert error.startswith(f"rank {rank}: stopped because rank {bad_rank}"), error
-        assert seconds < 10, f"rank {rank} took {seconds:.1f} s to stop"
+        assert seconds < 10, f"rank {rank} took {seconds:.1f} s to stop: {error}"
 
 
 def test_a_hung_rank_ends_the_others_within_the_timeout_naming_it(faults):
