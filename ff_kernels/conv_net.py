@@ -29,7 +29,7 @@ from ff_kernels._options import (
 )
 from ff_kernels.blockwise import LR_SCHEDULES, lr_factor
 from ff_kernels.conv import IntPair, ff_conv2d_class_step, ff_conv2d_forward, ff_conv2d_step
-from ff_kernels.net import NEGATIVES, SCHEDULES
+from ff_kernels.net import NEGATIVES, SCHEDULES, Checkpointed
 from ff_kernels.nn import check_backend, check_batch_size, check_targets, is_count
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import StepOutput
@@ -195,7 +195,7 @@ class FFConv2d(nn.Module):
         )
 
 
-class FFConvNet(nn.Module):
+class FFConvNet(Checkpointed, nn.Module):
     """A stack of FF conv layers in the CwComp style: conv, ReLU, an optional 2x2 max-pool, and a parameter-free
     normalisation of the next layer's input.
 
@@ -526,23 +526,3 @@ class FFConvNet(nn.Module):
         predicted = self.predict(x, batch_size)  # checks x
         check_targets(y, x.shape[0], self.num_classes)
         return float((predicted.cpu() == y.cpu()).float().mean())
-
-    def save(self, path: str) -> None:
-        """The config, the weights and the optimizer state, enough to resume training."""
-        torch.save(
-            {
-                "config": self.config,
-                "state_dict": self.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-            },
-            path,
-        )
-
-    @classmethod
-    def load(cls, path: str, device: torch.device | str | None = None) -> FFConvNet:
-        saved = torch.load(path, map_location=device or "cpu", weights_only=False)
-        net = cls(**saved["config"], device=device)
-        net.load_state_dict(saved["state_dict"])
-        for opt, state in zip(net.optimizers, saved["optimizers"]):
-            opt.load_state_dict(state)
-        return net

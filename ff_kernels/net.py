@@ -7,7 +7,7 @@ steps before the next, full batch) and Hinton / loeweX (simultaneous: every laye
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -23,7 +23,36 @@ SCHEDULES = ("greedy", "simultaneous")
 COLLABS = ("all", "previous")
 
 
-class FFNet(nn.Module):
+class Checkpointed:
+    """``save`` and ``load`` for a network that keeps its constructor arguments in ``config`` and one optimizer
+    per layer in ``optimizers``: the file holds all three, enough to resume training."""
+
+    config: dict[str, Any]
+    optimizers: list[FusedOptimizer]
+
+    def save(self, path: str) -> None:
+        """The config, the weights and the optimizer state, enough to resume training."""
+        torch.save(
+            {
+                "config": self.config,
+                "state_dict": self.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str | None = None) -> Self:
+        """The network ``save`` wrote, on ``device`` (the CPU by default), its optimizers' state restored."""
+        saved = torch.load(path, map_location=device or "cpu", weights_only=False)
+        net = cls(**saved["config"], device=device)
+        net.load_state_dict(saved["state_dict"])
+        for opt, state in zip(net.optimizers, saved["optimizers"]):
+            opt.load_state_dict(state)
+        return net
+
+
+class FFNet(Checkpointed, nn.Module):
     """An FF network over ``dims = [in_features, hidden_1, ..., hidden_L]``.
 
     Labels are shown to the network in its input: ``overlay="replace"`` writes a one-hot label over the first
@@ -329,23 +358,3 @@ class FFNet(nn.Module):
         predicted = self.predict(x, batch_size)  # checks x
         check_targets(y, x.shape[0], self.num_classes)
         return float((predicted.cpu() == y.cpu()).float().mean())
-
-    def save(self, path: str) -> None:
-        """The config, the weights and the optimizer state, enough to resume training."""
-        torch.save(
-            {
-                "config": self.config,
-                "state_dict": self.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-            },
-            path,
-        )
-
-    @classmethod
-    def load(cls, path: str, device: torch.device | str | None = None) -> FFNet:
-        saved = torch.load(path, map_location=device or "cpu", weights_only=False)
-        net = cls(**saved["config"], device=device)
-        net.load_state_dict(saved["state_dict"])
-        for opt, state in zip(net.optimizers, saved["optimizers"]):
-            opt.load_state_dict(state)
-        return net
