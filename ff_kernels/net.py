@@ -7,7 +7,7 @@ steps before the next, full batch) and Hinton / loeweX (simultaneous: every laye
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from ff_kernels._options import check_choice
 from ff_kernels.nn import FFLinear, check_batch_size, check_targets, is_count
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import FFStepOutput
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 OVERLAYS = ("replace", "append")
 NEGATIVES = ("wrong", "shuffle")
