@@ -32,12 +32,13 @@ def ci_run(tmp_path_factory):
     return status, json.loads((out / "inspect.json").read_text())
 
 
-def test_ci_subset_runs_and_reports_its_gates(ci_run):
+def test_ci_subset_meets_every_gate(ci_run):
+    """The gates of DESIGN 10 hold on the CI subset: a spill, a lost wgmma or cp.async, too much shared memory
+    or a GEMM short of a wave fails CI here, not only in the committed full run."""
     status, payload = ci_run
-    assert status == (1 if payload["failures"] else 0)
-    print(f"\ninspect --subset ci: {len(payload['failures'])} failed gates")
-    for failure in payload["failures"]:
-        print(f"  {failure}")
+    assert payload["failures"] == [], "\n".join(payload["failures"])
+    assert status == 0
+    assert set(payload["gates"]) >= {"spills", "shared", "tensor cores", "async copies", "waves"}
 
 
 def test_json_schema(ci_run):
@@ -57,17 +58,22 @@ def test_ci_records_are_plausible(ci_run):
     _, payload = ci_run
     kernels = payload["kernels"]
     assert {(r["arch"], r["dtype"], r["source"]) for r in kernels} == {("sm_90", "bf16", "triton")}
-    assert len({r["kernel"] for r in kernels}) >= 3  # forward GEMM, per-row kernel, gradient and update GEMM
+    names = {r["kernel"] for r in kernels}
+    assert {"ff_forward_kernel", "ff_row_kernel", "ff_grad_update_kernel"} <= names  # the linear step
+    assert {"ff_conv_forward_kernel", "ff_conv_grad_update_kernel"} <= names  # the conv GEMMs
     for r in kernels:
         assert 0 < r["registers"] <= 255
         assert r["mma"] in ("wgmma", "mma.sync", "none")
         assert r["shared_limit"] == 227 * 1024
         assert 1 <= r["blocks_per_sm"] <= 32 and 0 < r["occupancy"] <= 1
-        assert r["layers"] == ["784x500"] and r["rows"] == [4096]
-    # two GEMMs: both run their dot on tensor cores in bf16 (wgmma or not: that is a gate, reported above)
-    assert sum(r["mma"] != "none" for r in kernels) >= 2
+        assert (r["layers"], r["rows"]) in ((["784x500"], [4096]), (["27x64"], [128])), r
+        assert r["layers"] == ["27x64"] or not r["kernel"].startswith("ff_conv"), r
+    # four GEMMs (two linear, two conv): each runs its dot on tensor cores in bf16 (wgmma or not: that is a gate)
+    assert sum(r["mma"] != "none" for r in kernels) >= 4
+    shapes = {launch["shape"] for launch in payload["launches"]}
+    assert shapes == {"P=Q=4096 K=784 N=500", "P=Q=128 K=27 N=64"}, shapes
     for launch in payload["launches"]:
-        assert launch["shape"] == "P=Q=4096 K=784 N=500" and launch["sms"] == 132
+        assert launch["sms"] == 132
         assert launch["waves"] == pytest.approx(launch["programs"] / (132 * launch["blocks_per_sm"]), abs=1e-3)
 
 

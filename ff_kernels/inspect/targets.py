@@ -42,11 +42,12 @@ class Selection:
 
 
 # The CI subset: both GEMMs (GEMM 2 with the Adam epilogue) and the row kernel, bf16, first config, sm_90, the
-# 784x500 layer (500-wide, so the async-copy gate applies) at P = Q = 4096 (one wave is gated there): 3 compiles.
+# 784x500 layer (500-wide, so the async-copy gate applies) at P = Q = 4096 (one wave is gated there), and the conv
+# kernels at the 3-channel CIFAR layer (a 27-wide reduction, the alignment case of the conv GEMMs).
 SUBSETS = {
     "ci": Selection(
         archs=("sm_90",), precisions=("bf16",), optimizers=("adam",), rows=(4096,), layers=((784, 500),),
-        configs=(0,), sources=("triton",), conv_layers=(),
+        configs=(0,), sources=("triton",), conv_layers=(CONV_SHAPES[0],),
     ),
 }
 
