@@ -441,10 +441,12 @@ def bench_config(problem: Problem, device: torch.device, variants: Sequence[str]
 
 def add_model_floor(rows: Iterable[Row], precision: str) -> None:
     """The roofline model's floor on an H100 SXM (``ff_kernels.roofline``) beside each GPU figure: the Adam step
-    for the step variants, the two GEMMs writing grad_weight for ``gemm_floor``. A model, not a measurement."""
+    for the step variants, the two GEMMs alone for the GEMM floors. A model, not a measurement."""
     for row in rows:
-        optimizer = "none" if row.variant == "gemm_floor" else "adam"
-        row.model_floor_ms = roofline.step_floor_ms(row.P, row.Q, row.K, row.N, precision, optimizer)
+        if row.variant.startswith("gemm_floor"):
+            row.model_floor_ms = roofline.gemm_floor_ms(row.P + row.Q, row.K, row.N, precision)
+        else:
+            row.model_floor_ms = roofline.step_floor_ms(row.P, row.Q, row.K, row.N, precision, "adam")
 
 
 def add_model_split(rows: Iterable[Row], precision: str, device: torch.device) -> None:
@@ -751,6 +753,10 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="instead: distributed FF training (data parallel, pipeline) against a backprop pipeline "
                              "on 1 and 2 local gloo ranks, traffic and steps/s (ff_kernels.distributed.bench)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="instead: the roofline model (no GPU needed) of an Adam step and of its two GEMMs on an "
+                             "H100 and an H200 at DESIGN 4's shapes (or --rows, --kn); writes roofline.txt and "
+                             "roofline.json (default --out benchmarks/results/roofline)")
     parser.set_defaults(run=run)
     _DEFAULTS.update(vars(parser.parse_args([])))
 
@@ -758,7 +764,11 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
 # The parser's defaults (filled by add_parser): an option that differs from its default was given.
 _DEFAULTS: dict[str, Any] = {}
 # What the two "instead" modes read; any other option given with them would be silently ignored.
-_MODE_OPTIONS = {"host_overhead": ("repeats", "threads", "out"), "distributed": ("quick", "repeats", "out")}
+_MODE_OPTIONS = {
+    "host_overhead": ("repeats", "threads", "out"),
+    "distributed": ("quick", "repeats", "out"),
+    "roofline": ("rows", "kn", "out"),
+}
 
 
 def options_given(args: argparse.Namespace, defaults: dict[str, Any], names: Iterable[str]) -> list[str]:
@@ -767,7 +777,11 @@ def options_given(args: argparse.Namespace, defaults: dict[str, Any], names: Ite
 
 
 def check_mode_options(args: argparse.Namespace) -> None:
-    """--host-overhead and --distributed run their own fixed work: refuse the options they would ignore."""
+    """--host-overhead, --distributed and --roofline run their own fixed work: refuse the options they would ignore
+    (and more than one of them)."""
+    modes = [mode for mode in _MODE_OPTIONS if getattr(args, mode)]
+    if len(modes) > 1:
+        raise ValueError(f"choose one of {', '.join('--' + m.replace('_', '-') for m in modes)}")
     for mode, used in _MODE_OPTIONS.items():
         if not getattr(args, mode):
             continue
@@ -789,6 +803,10 @@ def run(args: argparse.Namespace) -> int:
         from ff_kernels.distributed import bench as distributed_bench
 
         return distributed_bench.run(args)
+    if args.roofline:
+        print(roofline.write_floor_report(args.rows or DESIGN_ROWS, args.kn or DESIGN_KN,
+                                          Path(args.out or Path("benchmarks") / "results" / "roofline")))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")

@@ -11,8 +11,10 @@ W, b and the optimizer state once. The per-row vectors (r, goodness partials, g,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -96,15 +98,33 @@ def step_cost(
     return StepCost(gemm_flops, elementwise, activations + row_vectors + parameters + state)
 
 
+def gemm_cost(rows: int, in_features: int, out_features: int, precision: str) -> StepCost:
+    """The work of the step's two GEMMs alone (DESIGN 4's floor: ``h = x W^T`` and ``grad = h^T x`` through cuBLAS):
+    each reads its operands once and writes its result once, in the operands' precision; no elementwise work."""
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_BYTES)}; got {precision!r}")
+    m, k, n = rows, in_features, out_features
+    size = PRECISION_BYTES[precision]
+    gemm_1 = (m * k + n * k + m * n) * size
+    gemm_2 = (m * n + m * k + n * k) * size
+    return StepCost(2 * (2 * m * n * k), 0, gemm_1 + gemm_2)
+
+
+def unit_seconds(cost: StepCost, precision: str, device: Device = H100_SXM) -> dict[str, float]:
+    """The time of each unit at its peak: the GEMMs on the tensor cores (CUDA cores for exact fp32), the elementwise
+    work on the CUDA cores, the bytes over HBM."""
+    gemm_tflops = device.mma_tflops.get(precision, device.fp32_tflops)
+    return {
+        "gemm": cost.gemm_flops / (gemm_tflops * 1e12),
+        "elementwise": cost.elementwise_flops / (device.fp32_tflops * 1e12),
+        "memory": cost.bytes / (device.hbm_tbps * 1e12),
+    }
+
+
 def floor_seconds(cost: StepCost, precision: str, device: Device = H100_SXM) -> float:
     """The roofline floor: the slowest of the GEMMs at the MMA (or exact-fp32) peak, the elementwise work at the
     CUDA-core peak and the bytes at the HBM bandwidth, each unit assumed perfectly overlapped with the others."""
-    gemm_tflops = device.mma_tflops.get(precision, device.fp32_tflops)
-    return max(
-        cost.gemm_flops / (gemm_tflops * 1e12),
-        cost.elementwise_flops / (device.fp32_tflops * 1e12),
-        cost.bytes / (device.hbm_tbps * 1e12),
-    )
+    return max(unit_seconds(cost, precision, device).values())
 
 
 def step_floor_ms(
@@ -114,3 +134,90 @@ def step_floor_ms(
     """The model floor of one step in milliseconds (a layer with bias)."""
     cost = step_cost(rows_pos, rows_neg, in_features, out_features, precision, optimizer)
     return 1e3 * floor_seconds(cost, precision, device)
+
+
+def gemm_floor_ms(rows: int, in_features: int, out_features: int, precision: str, device: Device = H100_SXM) -> float:
+    """The model floor of the two GEMMs alone in milliseconds (``gemm_cost``)."""
+    return 1e3 * floor_seconds(gemm_cost(rows, in_features, out_features, precision), precision, device)
+
+
+# --- the table of floors (``ff-kernels bench --roofline``) ------------------------------------------------------
+
+DEVICES = (H100_SXM, H200_SXM)
+TABLE_PRECISIONS = ("bf16", "tf32", "ieee")  # fp16 has bf16's peaks and bytes
+
+
+@dataclass(frozen=True)
+class FloorRow:
+    """One shape on one device: the fused Adam step's floor, the two GEMMs' floor and their ratio, the best
+    ``fused / floor`` any implementation can reach under the model (DESIGN 4 asks for at most 1.2)."""
+
+    device: str
+    precision: str
+    rows: int
+    in_features: int
+    out_features: int
+    gemm_gflop: float
+    step_mb: float
+    intensity: float
+    step_bound: str
+    step_floor_us: float
+    gemm_floor_us: float
+    best_over_floor: float
+
+
+def floor_rows(
+    rows: Sequence[int], layers: Sequence[tuple[int, int]], precisions: Sequence[str] = TABLE_PRECISIONS,
+    devices: Sequence[Device] = DEVICES,
+) -> list[FloorRow]:
+    """The floors of an Adam step on P = Q = ``rows`` for every (K, N) layer, precision and device."""
+    out = []
+    for device in devices:
+        for precision in precisions:
+            for p in rows:
+                for k, n in layers:
+                    step = step_cost(p, p, k, n, precision, "adam")
+                    units = unit_seconds(step, precision, device)
+                    step_s = max(units.values())
+                    gemm_s = floor_seconds(gemm_cost(2 * p, k, n, precision), precision, device)
+                    out.append(FloorRow(
+                        device.name, precision, p, k, n, step.gemm_flops / 1e9, step.bytes / 1e6, step.intensity,
+                        max(units, key=units.__getitem__), 1e6 * step_s, 1e6 * gemm_s, step_s / gemm_s,
+                    ))
+    return out
+
+
+def format_floor_table(rows: Sequence[FloorRow]) -> str:
+    """A plain-text table of ``floor_rows``, labelled as a model."""
+    header = (f"{'device':<9} {'prec':<5} {'P=Q':>6} {'K x N':>10} {'GFLOP':>8} {'MB min':>8} {'FLOP/B':>7} "
+              f"{'bound':<11} {'step us':>9} {'2 GEMMs us':>10} {'step/GEMMs':>10}")
+    lines = ["Roofline model (not a measurement): one fused Adam step against its two GEMMs alone, each at the "
+             "device's peak", header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.device:<9} {r.precision:<5} {r.rows:>6} {f'{r.in_features}x{r.out_features}':>10} "
+            f"{r.gemm_gflop:>8.2f} {r.step_mb:>8.2f} {r.intensity:>7.0f} {r.step_bound:<11} {r.step_floor_us:>9.1f} "
+            f"{r.gemm_floor_us:>10.1f} {r.best_over_floor:>9.2f}x"
+        )
+    lines += [
+        "step/GEMMs: the step's floor over the two GEMMs' floor, the best fused/floor ratio under this model",
+        "(DESIGN 4: at most 1.2x). GEMM FLOPs at the tensor-core peak (exact fp32 'ieee' on the CUDA cores),",
+        "elementwise work at the fp32 peak, the minimal bytes at HBM bandwidth, the three perfectly overlapped;",
+        "Adam, layers with bias.",
+    ]
+    return "\n".join(lines)
+
+
+def write_floor_report(rows: Sequence[int], layers: Sequence[tuple[int, int]], out: Path) -> str:
+    """``roofline.txt`` and ``roofline.json`` (the devices' peaks with the rows) under ``out``; returns the table."""
+    floors = floor_rows(rows, layers)
+    table = format_floor_table(floors)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "roofline.txt").write_text(table + "\n")
+    payload = {
+        "model": "roofline (ff_kernels.roofline), not a measurement",
+        "devices": [asdict(d) | {"mma_tflops": dict(d.mma_tflops)} for d in DEVICES],
+        "rows": [asdict(r) for r in floors],
+    }
+    (out / "roofline.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -63,8 +64,48 @@ def test_bench_prints_the_model_floor_beside_gpu_figures_only():
     gpu = [row("cuda", "triton"), row("cuda", "gemm_floor")]
     bench.add_model_floor(gpu, "bf16")
     assert gpu[0].model_floor_ms == pytest.approx(roofline.step_floor_ms(4096, 4096, 4096, 4096, "bf16"))
-    assert gpu[1].model_floor_ms == pytest.approx(roofline.step_floor_ms(4096, 4096, 4096, 4096, "bf16", "none"))
+    assert gpu[1].model_floor_ms == pytest.approx(roofline.gemm_floor_ms(8192, 4096, 4096, "bf16"))
     table = bench.format_table(gpu)
     assert "model floor (H100)" in table and f"{gpu[0].model_floor_ms:.3f} ms" in table
     cpu = bench.format_table([row("cpu", "triton")])
     assert "model floor" not in cpu and math.isnan(row("cpu", "triton").model_floor_ms)
+
+
+def test_two_gemms_by_hand():
+    # M = 4 rows, K = 4, N = 8, bf16: GEMM 1 reads x (16) and W (32), writes h (32); GEMM 2 reads h and x, writes the
+    # gradient (32): 160 elements of 2 bytes; no elementwise work.
+    cost = roofline.gemm_cost(4, 4, 8, "bf16")
+    assert (cost.gemm_flops, cost.elementwise_flops, cost.bytes) == (512, 0, 320)
+    assert roofline.gemm_floor_ms(4, 4, 8, "bf16") == pytest.approx(1e3 * 320 / 3.35e12)
+    units = roofline.unit_seconds(roofline.step_cost(2, 2, 4, 8, "bf16"), "bf16", roofline.H200_SXM)
+    assert units["memory"] == pytest.approx(1184 / 4.8e12) and units["gemm"] == pytest.approx(512 / 989.4e12)
+
+
+def test_floor_table_ratios():
+    rows = roofline.floor_rows((512, 25000), ((784, 500), (4096, 4096)))
+    assert len(rows) == 2 * 3 * 2 * 2  # devices x precisions x rows x layers
+    for r in rows:
+        assert r.best_over_floor >= 1.0 and r.step_floor_us >= r.gemm_floor_us > 0
+        assert r.step_bound in ("gemm", "elementwise", "memory")
+    by = {(r.device, r.precision, r.rows, r.in_features): r for r in rows}
+    # exact fp32 runs the GEMMs on the CUDA cores: GEMM-bound everywhere, the step costs its GEMMs
+    assert all(r.best_over_floor == pytest.approx(1.0) for r in rows if r.precision == "ieee")
+    # a small bf16 batch on an H100 is memory-bound: Adam's state traffic puts the step well above its GEMMs
+    assert by[("H100 SXM", "bf16", 512, 784)].step_bound == "memory"
+    assert by[("H100 SXM", "bf16", 512, 784)].best_over_floor > 1.5
+    # HBM3e moves the same bytes faster: never a worse ratio on an H200
+    for (device, precision, p, k), r in by.items():
+        if device == "H100 SXM":
+            assert by[("H200 SXM", precision, p, k)].best_over_floor <= r.best_over_floor + 1e-12
+    assert "not a measurement" in roofline.format_floor_table(rows)
+
+
+def test_bench_roofline_writes_the_model_and_refuses_other_work(tmp_path, capsys):
+    from ff_kernels import cli
+
+    assert cli.main(["bench", "--roofline", "--rows", "4096", "--kn", "784x500", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "roofline.json").read_text())
+    assert len(payload["rows"]) == 6 and {d["name"] for d in payload["devices"]} == {"H100 SXM", "H200 SXM"}
+    assert "step/GEMMs" in (tmp_path / "roofline.txt").read_text() and "784x500" in capsys.readouterr().out
+    assert cli.main(["bench", "--roofline", "--quick"]) == 2
+    assert "--roofline runs its own fixed work" in capsys.readouterr().err
