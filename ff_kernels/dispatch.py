@@ -41,7 +41,8 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_step", "reference"): Implementation("ff_kernels.reference:ff_linear_step_ref"),
     ("linear_step", "torch"): Implementation("ff_kernels.ops.torch_step:ff_linear_step_torch", compute_dtype=True),
     ("linear_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.ops:ff_linear_step_triton_checked", fuses_update=True, float64=False
+        "ff_kernels.ops.triton.ops:ff_linear_step_triton_checked", fuses_update=True, compute_dtype=True,
+        float64=False
     ),
     ("linear_step", "cuda"): Implementation(
         "ff_kernels.ops.cuda_step:ff_linear_step_cuda", fuses_update=True, compute_dtype=True, checks_finite=True
@@ -50,7 +51,9 @@ TABLE: dict[tuple[str, str], Implementation] = {
     ("linear_forward", "torch"): Implementation(
         "ff_kernels.ops.torch_step:ff_linear_forward_torch", compute_dtype=True
     ),
-    ("linear_forward", "triton"): Implementation("ff_kernels.ops.triton.ops:ff_linear_forward_triton", float64=False),
+    ("linear_forward", "triton"): Implementation(
+        "ff_kernels.ops.triton.ops:ff_linear_forward_triton", compute_dtype=True, float64=False
+    ),
     ("linear_forward", "cuda"): Implementation(
         "ff_kernels.ops.cuda_step:ff_linear_forward_cuda", compute_dtype=True, checks_finite=True
     ),

@@ -32,8 +32,8 @@ FINITE_IN_OP, FINITE_SCAN, FINITE_DEFERRED, FINITE_NONE = "in_op", "scan", "defe
 
 class Route(NamedTuple):
     """A resolved backend for one op: its table entry, its function, and where the finiteness check runs.
-    ``direct``: the function fuses the update and takes neither a compute dtype nor a finiteness flag (the Triton
-    path), so a step calls it with the checked arguments and the optimizer alone."""
+    ``direct``: the function fuses the update, takes no finiteness flag and needs no compute dtype (the Triton
+    path computing in the weight's dtype), so a step calls it with the checked arguments and the optimizer alone."""
 
     entry: dispatch.Implementation
     fn: Callable
@@ -141,7 +141,7 @@ def _resolve(op: str, backend: str, compute: torch.dtype, dtype: torch.dtype, de
         mode = FINITE_IN_OP if entry.checks_finite else FINITE_SCAN
     else:
         mode = FINITE_DEFERRED
-    direct = entry.fuses_update and not entry.compute_dtype and not entry.checks_finite
+    direct = entry.fuses_update and not entry.checks_finite and (not entry.compute_dtype or compute == dtype)
     return Route(entry, fn, mode, direct)
 
 

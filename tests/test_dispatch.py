@@ -22,7 +22,9 @@ def test_missing_pair_lists_the_available_backends() -> None:
         dispatch.spec("linear_step", "nope")
 
 
-def test_compute_dtype_is_a_torch_and_cpu_operator_feature_for_linear_ops() -> None:
-    """The torch backend and the extension (its CPU operator; its CUDA kernels run in the parameters' dtype)."""
+def test_compute_dtype_is_a_feature_of_every_linear_backend_but_the_reference() -> None:
+    """The torch backend, the Triton kernels (inputs and a weight copy cast, the update on the fp32 master) and the
+    extension (its CPU operator; its CUDA kernels run in the parameters' dtype)."""
     for op in ("linear_step", "linear_forward"):
-        assert [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype] == ["torch", "cuda"]
+        supporting = [b for b in dispatch.backends_for(op) if dispatch.spec(op, b).compute_dtype]
+        assert sorted(supporting) == ["cuda", "torch", "triton"]

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ff_kernels as ffk
 from ff_kernels import optim
 from ff_kernels._options import check_step_options
 from ff_kernels.ops.scaling import coefficient_scale
@@ -394,6 +395,59 @@ def test_many_rows_low_precision(dtype):
     assert_low_precision_rule(out, _truth64(x_pos, x_neg, w, b, opts, off_pos, off_neg), same_precision)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_many_rows_compute_dtype(dtype):
+    """fp32 inputs and weights with ``compute_dtype``: both GEMMs in ``dtype`` (h returned in it), gradients in
+    fp32. Every output within the low-precision rule of the float64 truth, against the torch backend's
+    ``compute_dtype`` step as the same computation in PyTorch."""
+    rows_pos, rows_neg, k, n = 611, 592, 41, 23
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(rows_pos, rows_neg, k, n, offsets=True)
+    opts = step_options(n)
+    out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, off_pos, off_neg, compute_dtype=dtype)
+    assert out.h_pos.dtype == dtype and out.grad_weight.dtype == torch.float32 and out.grad_bias.dtype == w.dtype
+    same_precision = ffk.ff_linear_step(x_pos, x_neg, w, b, offset_pos=off_pos, offset_neg=off_neg,
+                                        backend="torch", compute_dtype=dtype)
+    assert_low_precision_rule(out, _truth64(x_pos, x_neg, w, b, opts, off_pos, off_neg), same_precision)
+
+
+@pytest.mark.parametrize("make_opt", [_sgd_nesterov, _adam, _adamw])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compute_dtype_fused_update_writes_the_fp32_master_weight(make_opt, dtype):
+    """With bf16/fp16 compute over fp32 weights, GEMM 2's epilogue updates the fp32 weight and its fp32 state:
+    three fused steps equal the same step's own fp32 gradients applied by optimizer.update, on a clone."""
+    rows, k, n = 37, 45, 23
+    _, _, w, b, _, _ = make_inputs(1, 1, k, n)
+    w_ref, b_ref = w.clone(), b.clone()
+    opt, opt_ref = make_opt([w, b]), make_opt([w_ref, b_ref])
+    opts = step_options(n)
+    for step in range(3):
+        x_pos, x_neg, _, _, _, _ = make_inputs(rows, rows, k, n, seed=step + 1)
+        ref = ff_linear_step_triton(x_pos, x_neg, w_ref, b_ref, opts, compute_dtype=dtype)
+        out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=opt, compute_dtype=dtype)
+        opt_ref.update([w_ref, b_ref], [ref.grad_weight, ref.grad_bias])
+        assert w.dtype == torch.float32 and out.h_pos.dtype == dtype
+        if step == 0:  # same weights: the same kernels give the same forward
+            assert torch.equal(out.h_pos, ref.h_pos) and torch.equal(out.loss, ref.loss)
+        assert_close_fp32(out.loss, ref.loss, f"step {step} loss")
+        for p, p_ref, label in ((w, w_ref, "weight"), (b, b_ref, "bias")):
+            assert_close_fp32(p, p_ref, f"step {step} {label}")
+
+
+def test_compute_dtype_routes_to_triton_and_forward_matches_torch():
+    """``auto`` and ``backend="triton"`` take ``compute_dtype`` (no fall back to the unfused torch path), and
+    inference in bf16 over fp32 weights agrees with the torch backend's within bf16 rounding."""
+    from ff_kernels import dispatch
+
+    assert dispatch.spec("linear_step", "triton").compute_dtype
+    assert dispatch.spec("linear_forward", "triton").compute_dtype
+    x, _, w, b, _, _ = make_inputs(29, 0, 41, 23)
+    h, g = ffk.ff_linear_forward(x, w, b, backend="triton", compute_dtype=torch.bfloat16)
+    h_ref, g_ref = ffk.ff_linear_forward(x, w, b, backend="torch", compute_dtype=torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and g.dtype == torch.float32
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
+
+
 def test_coefficient_scale_is_a_power_of_two_bound():
     cases = (("logistic", 4.0, 25000, 25000), ("symba", 3.0, 7, 7), ("symba", 1e-30, 3, 3))
     for loss, alpha, rows_pos, rows_neg in cases:
@@ -407,7 +461,7 @@ def test_coefficient_scale_is_a_power_of_two_bound():
 
 def _opcheck_inputs(bias=True):
     x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(5, 5, 7, 3, bias=bias, offsets=True)
-    return x_pos, x_neg, w, b, off_pos, off_neg, 2.0, 1.0 / 3, "symba", "l2", 1e-4, 4.0
+    return x_pos, x_neg, w, b, None, off_pos, off_neg, 2.0, 1.0 / 3, "symba", "l2", 1e-4, 4.0
 
 
 def test_opcheck_forward():

@@ -313,7 +313,7 @@ def test_custom_ops_reject_bad_inputs_by_name():
         ops.ff_linear_step_triton(x_pos[:, ::2], x_neg, w, b, opts)
     with pytest.raises(ValueError, match="x_pos"):
         ops.ff_linear_step_triton(x_pos, x_neg[:5], w, b, _options(w.shape[0], loss="symba"))
-    step_args = (None, None, 2.0, opts.kappa, "logistic", "l2", 1e-4, 4.0)
+    step_args = (None, None, None, 2.0, opts.kappa, "logistic", "l2", 1e-4, 4.0)
     with pytest.raises(ValueError, match="buf_w"):
         torch.ops.ff_kernels.triton_step_sgd_(
             x_pos, x_neg, w, b, *step_args, None, None, 0.1, 0.9, 0.0, 0.0, False, True, True
@@ -323,6 +323,10 @@ def test_custom_ops_reject_bad_inputs_by_name():
         torch.ops.ff_kernels.triton_step_sgd_(
             x_pos, x_neg, w, b, *step_args, buf, b.half(), 0.1, 0.9, 0.0, 0.0, False, True, True
         )
+    with pytest.raises(TypeError, match="x_pos is torch.bfloat16 but weight is torch.float32"):
+        ops.ff_linear_step_triton(x_pos.bfloat16(), x_neg.bfloat16(), w, b, opts)
+    with pytest.raises(ValueError, match="w_gemm"):
+        torch.ops.ff_kernels.triton_step(x_pos.bfloat16(), x_neg.bfloat16(), w, b, w[:-1].bfloat16(), *step_args[1:])
     with pytest.raises(ValueError, match="exp_avg_b"):
         state = (torch.zeros_like(w), torch.zeros_like(w), None, None)
         torch.ops.ff_kernels.triton_step_adam_(

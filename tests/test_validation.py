@@ -371,8 +371,8 @@ def test_auto_backend_cpu_never_triton(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference"])
-def test_compute_dtype_needs_torch_backend(backend) -> None:
-    supported = "compute_dtype=torch.bfloat16 is supported by backend='torch' or 'cuda' only"
+def test_compute_dtype_is_refused_by_the_reference(backend) -> None:
+    supported = "compute_dtype=torch.bfloat16 is supported by backend='torch' or 'triton' or 'cuda' only"
     with pytest.raises(ValueError, match=supported):
         step(compute_dtype=torch.bfloat16, backend=backend)
     with pytest.raises(ValueError, match=supported):

@@ -112,13 +112,17 @@ def _capture_step(spec: StepSpec) -> tuple[Launch, ...]:
         **{name: defaults[name].default for name in ("threshold", "goodness", "loss", "normalize", "eps", "alpha")},
         out_features=spec.out_features,
     )
-    optimizer = {
-        "none": lambda: None,
-        "sgd": lambda: optim.SGD([weight, bias], lr=1e-3, momentum=0.9),
-        "adam": lambda: optim.Adam([weight, bias], lr=1e-3),
-    }[spec.optimizer]()
+    optimizers = {
+        "none": lambda params: None,
+        "sgd": lambda params: optim.SGD(params, lr=1e-3, momentum=0.9),
+        "adam": lambda params: optim.Adam(params, lr=1e-3),
+    }
     with _tf32(spec.precision == "tf32"), _intercepted_launches() as launches:
-        ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, optimizer=optimizer)
+        ff_linear_step_triton(x_pos, x_neg, weight, bias, opts, optimizer=optimizers[spec.optimizer]([weight, bias]))
+        if dtype != torch.float32:  # the same GEMMs over fp32 master weights (compute_dtype): an fp32 epilogue
+            master, master_bias = weight.float(), bias.float()
+            ff_linear_step_triton(x_pos, x_neg, master, master_bias, opts,
+                                  optimizer=optimizers[spec.optimizer]([master, master_bias]), compute_dtype=dtype)
     return tuple(launches)
 
 

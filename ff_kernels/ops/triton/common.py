@@ -207,16 +207,19 @@ def check_rows(x: torch.Tensor, name: str, w: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"{name} must be (rows, {w.shape[1]}) to match weight {tuple(w.shape)}, got {tuple(x.shape)}")
     if x.dtype != w.dtype:
-        raise TypeError(f"{name} is {x.dtype} but weight is {w.dtype}; the kernels take one dtype")
+        raise TypeError(
+            f"{name} is {x.dtype} but weight is {w.dtype}; GEMM 1 takes one dtype (pass compute_dtype={x.dtype} "
+            "to compute in the inputs' dtype)"
+        )
     if x.device != w.device:
         raise ValueError(f"{name} is on {x.device} but weight is on {w.device}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (the kernels index its rows densely)")
 
 
-def check_layer(w: torch.Tensor, b: torch.Tensor | None) -> None:
+def check_layer(w: torch.Tensor, b: torch.Tensor | None, name: str = "weight") -> None:
     if w.dim() != 2 or not w.is_contiguous():
-        raise ValueError(f"weight must be a contiguous (N, K) matrix, got shape {tuple(w.shape)}")
+        raise ValueError(f"{name} must be a contiguous (N, K) matrix, got shape {tuple(w.shape)}")
     if b is not None and (b.shape != (w.shape[0],) or not b.is_contiguous() or b.device != w.device):
         raise ValueError(f"bias must be a contiguous ({w.shape[0]},) vector on {w.device}, got {tuple(b.shape)}")
 

@@ -59,11 +59,18 @@ def _check_step(x_pos: torch.Tensor, x_neg: torch.Tensor, opts: StepOptions) -> 
 
 
 def _check_inputs(x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                  opts: StepOptions) -> None:
-    """What the kernels assume of a step's tensors, for callers that did not come through the public boundary."""
+                  opts: StepOptions, w_gemm: torch.Tensor | None = None) -> None:
+    """What the kernels assume of a step's tensors, for callers that did not come through the public boundary:
+    the inputs in the weight's dtype, or in another with ``w_gemm``, the weight in theirs, for GEMM 1."""
     check_layer(w, b)
-    check_rows(x_pos, "x_pos", w)
-    check_rows(x_neg, "x_neg", w)
+    if w_gemm is not None:
+        check_layer(w_gemm, None, "w_gemm")
+        if w_gemm.shape != w.shape or w_gemm.device != w.device:
+            raise ValueError(f"w_gemm must be a copy of the weight {tuple(w.shape)} on {w.device}; got "
+                             f"{tuple(w_gemm.shape)} on {w_gemm.device}")
+    gemm_weight = w if w_gemm is None else w_gemm
+    check_rows(x_pos, "x_pos", gemm_weight)
+    check_rows(x_neg, "x_neg", gemm_weight)
     _check_step(x_pos, x_neg, opts)
 
 
@@ -158,7 +165,7 @@ def step_plan(
     and looked up afterwards (for fp32, PyTorch's TF32 switch is in the key: it may change between steps)."""
     dtype = x_pos.dtype
     key = (
-        x_pos.shape[0], x_neg.shape[0], w.shape, dtype, w.device, b is not None, offset_pos is not None,
+        x_pos.shape[0], x_neg.shape[0], w.shape, dtype, w.dtype, w.device, b is not None, offset_pos is not None,
         offset_neg is not None, update.kind, update.momentum != 0.0, update.nesterov, update.decoupled,
         _tf32_switch() if dtype == torch.float32 else None, opts.normalize, opts.loss, opts.kappa, opts.alpha,
     )
@@ -167,7 +174,7 @@ def step_plan(
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         n, k = w.shape
-        plan = _plans[key] = _build_plan(key[0], key[1], n, k, dtype, w.device, key[5], opts, key[6:8], update)
+        plan = _plans[key] = _build_plan(key[0], key[1], n, k, dtype, w.device, key[6], opts, key[7:9], update)
     return plan
 
 
@@ -183,6 +190,7 @@ def _run_step(
     x_neg: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
@@ -192,7 +200,7 @@ def _run_step(
     so a step that needs no guard makes one call fewer."""
     previous = torch.cuda._exchange_device(w.get_device())  # torch.cuda.device_of(w)'s work, without its objects
     try:
-        return _launch_step(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+        return _launch_step(plan, x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts, update)
     finally:
         torch.cuda._maybe_exchange_device(previous)
 
@@ -203,13 +211,15 @@ def _launch_step(
     x_neg: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
     update: Update,
 ) -> StepResult:
     """The allocations and three launches of one step on checked inputs ``plan`` was made for: (loss, g, h,
-    grad_weight, grad_bias)."""
+    grad_weight, grad_bias). ``w_gemm``: the weight in the inputs' dtype for GEMM 1 where the weight itself (which
+    the update writes, and the gradient's dtype) has another (``compute_dtype``); None where they agree."""
     (forward, row, grad, h_shape, h_stride, rows_total, _, pieces, size, has_r, one_program, split, coef_scale, fp32,
      h_like) = plan
     grad_w = grad_b = None
@@ -233,7 +243,7 @@ def _launch_step(
     if split:
         ws, counts = parts[4], parts[6].view(torch.int32).zero_()
         wsb = parts[5] if b is not None else None
-    tiles_n = run_forward(forward, x_pos, x_neg, w, b, h, r, partials, opts.eps)
+    tiles_n = run_forward(forward, x_pos, x_neg, w if w_gemm is None else w_gemm, b, h, r, partials, opts.eps)
     run_row_step(row, partials, tiles_n, g, c, loss_parts, opts, offset_pos, offset_neg)
     run_grad_update(grad, x_pos, x_neg, h, c, r, w, b, grad_w, grad_b, coef_scale, update, ws, wsb, counts)
     if not one_program:
@@ -246,24 +256,25 @@ def _step(
     x_neg: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
     update: Update,
 ) -> StepResult:
     """A custom op's step: its inputs checked (the op is a boundary of its own), then the launches."""
-    _check_inputs(x_pos, x_neg, w, b, opts)
+    _check_inputs(x_pos, x_neg, w, b, opts, w_gemm)
     plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
     launch = _run_step if _guards_device(w) else _launch_step
-    return launch(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    return launch(plan, x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts, update)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library custom ops: the schemas in one place, then the implementations and their fake (meta) versions.
 # ---------------------------------------------------------------------------------------------------------------
 _STEP_ARGS = (
-    "Tensor? offset_pos, Tensor? offset_neg, float threshold, float kappa, str loss, str normalize, float eps, "
-    "float alpha"
+    "Tensor? w_gemm, Tensor? offset_pos, Tensor? offset_neg, float threshold, float kappa, str loss, "
+    "str normalize, float eps, float alpha"
 )
 _SCHEMAS = {
     "forward": "(Tensor x, Tensor w, Tensor? b, float kappa, str normalize, float eps) -> (Tensor, Tensor)",
@@ -315,9 +326,11 @@ def _(x, w, b, kappa, normalize, eps):
     return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def _step_no_update(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha):
+def _step_no_update(x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps,
+                    alpha):
     opts = _options(threshold, kappa, loss, normalize, eps, alpha)
-    out_loss, g, h, grad_w, grad_b = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, Update(OPT_NONE))
+    out_loss, g, h, grad_w, grad_b = _step(x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts,
+                                           Update(OPT_NONE))
     return out_loss, g, h, grad_w, w.new_empty((0,)) if grad_b is None else grad_b
 
 
@@ -334,7 +347,7 @@ def _fake_step_outputs(x_pos, x_neg, w):
 
 
 @_step_op.register_fake
-def _(x_pos, x_neg, w, b, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha):
+def _(x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps, alpha):
     grad_b = w.new_empty((0,)) if b is None else torch.empty_like(b)
     return (*_fake_step_outputs(x_pos, x_neg, w), torch.empty_like(w), grad_b)
 
@@ -344,6 +357,7 @@ def _step_sgd(
     x_neg,
     w,
     b,
+    w_gemm,
     offset_pos,
     offset_neg,
     threshold,
@@ -380,7 +394,7 @@ def _step_sgd(
     if momentum != 0.0 and b is not None and buf_b is None:
         raise ValueError("SGD with momentum and a bias needs buf_b, the bias's momentum buffer")
     check_state(w, b, buf_w=buf_w, buf_b=buf_b)
-    out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts, update)
     return out_loss, g, h
 
 
@@ -393,6 +407,7 @@ def _(
     x_neg,
     w,
     b,
+    w_gemm,
     offset_pos,
     offset_neg,
     threshold,
@@ -419,6 +434,7 @@ def _step_adam(
     x_neg,
     w,
     b,
+    w_gemm,
     offset_pos,
     offset_neg,
     threshold,
@@ -463,7 +479,7 @@ def _step_adam(
     if b is not None and (exp_avg_b is None or exp_avg_sq_b is None):
         raise ValueError("Adam with a bias needs exp_avg_b and exp_avg_sq_b, the bias's moments")
     check_state(w, b, exp_avg_w=exp_avg_w, exp_avg_sq_w=exp_avg_sq_w, exp_avg_b=exp_avg_b, exp_avg_sq_b=exp_avg_sq_b)
-    out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    out_loss, g, h, _, _ = _step(x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts, update)
     return out_loss, g, h
 
 
@@ -476,6 +492,7 @@ def _(
     x_neg,
     w,
     b,
+    w_gemm,
     offset_pos,
     offset_neg,
     threshold,
@@ -514,12 +531,14 @@ def ff_linear_step_triton(
     offset_pos: torch.Tensor | None = None,
     offset_neg: torch.Tensor | None = None,
     optimizer: FusedOptimizer | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FFStepOutput:
     """One fused FF step: three kernels, the update (if any) applied in the GEMM 2 epilogue in place. For callers
     below the public API: checks what the kernels assume of the tensors (errors name the argument), then runs
     :func:`ff_linear_step_triton_checked`."""
-    _check_inputs(x_pos, x_neg, w, b, opts)
-    return ff_linear_step_triton_checked(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
+    x_pos_c, x_neg_c, w_gemm = _compute_operands(x_pos, x_neg, w, compute_dtype)
+    _check_inputs(x_pos_c, x_neg_c, w, b, opts, w_gemm)
+    return ff_linear_step_triton_checked(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer, compute_dtype)
 
 
 def ff_linear_step_triton_checked(
@@ -531,21 +550,37 @@ def ff_linear_step_triton_checked(
     offset_pos: torch.Tensor | None = None,
     offset_neg: torch.Tensor | None = None,
     optimizer: FusedOptimizer | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FFStepOutput:
     """:func:`ff_linear_step_triton` on inputs ``ff_kernels.functional`` has checked. Traced by torch.compile, it
-    calls the custom ops; eagerly, the implementation, with the plan cached and the optimizer state checked here."""
+    calls the custom ops; eagerly, the implementation, with the plan cached and the optimizer state checked here.
+
+    ``compute_dtype`` (e.g. bf16 over fp32 weights): the inputs and a copy of the weight are cast to it, both GEMMs
+    run in it with fp32 accumulation, h is returned in it, and the update (or the gradient) is the weight's dtype
+    (the fp32 master weight and its state, written by GEMM 2's epilogue)."""
+    x_pos, x_neg, w_gemm = _compute_operands(x_pos, x_neg, w, compute_dtype)
     if torch.compiler.is_compiling():
-        return _traced_step(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer)
+        return _traced_step(x_pos, x_neg, w, b, w_gemm, opts, offset_pos, offset_neg, optimizer)
     update = _NO_UPDATE if optimizer is None else optimizer_update(optimizer, w, b)
     plan = step_plan(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, update)
     launch = _run_step if _guards_device(w) else _launch_step
-    loss, g, h, grad_w, grad_b = launch(plan, x_pos, x_neg, w, b, offset_pos, offset_neg, opts, update)
+    loss, g, h, grad_w, grad_b = launch(plan, x_pos, x_neg, w, b, w_gemm, offset_pos, offset_neg, opts, update)
     if optimizer is not None:  # what the custom op's ADInplaceOrView kernel does: saved copies of w, b become stale
         torch._C._increment_version((w,) if b is None else (w, b))  # torch.autograd.graph.increment_version's work
     rows = plan.rows
     g_pos, g_neg = g.split_with_sizes(rows)
     h_pos, h_neg = h.split_with_sizes(rows)
     return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, grad_b)
+
+
+def _compute_operands(
+    x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor, compute_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inputs in the compute dtype and, where the weight has another, its copy in that dtype for GEMM 1."""
+    if compute_dtype is None or (compute_dtype == w.dtype and x_pos.dtype == w.dtype):
+        return x_pos, x_neg, None
+    w_gemm = None if compute_dtype == w.dtype else w.to(compute_dtype)
+    return x_pos.to(compute_dtype), x_neg.to(compute_dtype), w_gemm
 
 
 def optimizer_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> Update:
@@ -605,6 +640,7 @@ def _traced_step(
     x_neg: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     opts: StepOptions,
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
@@ -612,7 +648,9 @@ def _traced_step(
 ) -> FFStepOutput:
     """The step as torch.compile sees it: one custom op (with fakes), opaque to the graph."""
     rows_pos = x_pos.shape[0]
-    step_args = (offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize, opts.eps, opts.alpha)
+    step_args = (
+        w_gemm, offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize, opts.eps, opts.alpha
+    )
     grad_w = grad_b = None
     if optimizer is None:
         loss, g, h, grad_w, gb = torch.ops.ff_kernels.triton_step(x_pos, x_neg, w, b, *step_args)
@@ -659,8 +697,12 @@ def _traced_step(
 
 
 def ff_linear_forward_triton(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, kappa: float, normalize: str, eps: float
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, kappa: float, normalize: str, eps: float,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference, GEMM 1 alone: h (x's dtype) and goodness g (fp32), DESIGN 1.1-1.3."""
+    """Inference, GEMM 1 alone: h (in ``compute_dtype``, by default x's dtype) and goodness g (fp32), DESIGN
+    1.1-1.3; with ``compute_dtype`` the input and a copy of the weight are cast to it."""
+    if compute_dtype is not None:
+        x, w = x.to(compute_dtype), w.to(compute_dtype)
     forward = torch.ops.ff_kernels.triton_forward if torch.compiler.is_compiling() else _forward
     return forward(x, w, b, kappa, normalize, eps)
