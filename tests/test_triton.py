@@ -492,8 +492,10 @@ def test_opcheck_step_adam():
     )
 
 
-def test_torch_compile_fullgraph():
-    """The ops are opaque to torch.compile: a whole step (with a fused optimizer) compiles without graph breaks."""
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_torch_compile_fullgraph(compute_dtype):
+    """The ops are opaque to torch.compile: a whole step (with a fused optimizer; also with bf16 compute over fp32
+    weights, where the weight copy for GEMM 1 enters the op) compiles without graph breaks."""
     torch._dynamo.reset()
     rows, k, n = 9, 11, 5
     x_pos, x_neg, w, b, _, _ = make_inputs(rows, rows, k, n)
@@ -504,8 +506,9 @@ def test_torch_compile_fullgraph():
     opt_eager = optim.SGD([w_eager, b_eager], lr=0.1, momentum=0.9)
 
     def step(x_pos, x_neg, w, b, optimizer):
-        out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optimizer)
-        h, g = ff_linear_forward_triton(out.h_pos, w_next, None, kappa=1.0, normalize="rms", eps=1e-4)
+        out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, optimizer=optimizer, compute_dtype=compute_dtype)
+        h, g = ff_linear_forward_triton(out.h_pos, w_next, None, kappa=1.0, normalize="rms", eps=1e-4,
+                                        compute_dtype=compute_dtype)
         return out.loss, out.goodness_neg, h, g
 
     compiled = torch.compile(step, fullgraph=True)
