@@ -55,6 +55,27 @@ SCENARIOS = {
 }
 
 
+# FFConvNet, data parallel: name -> (FFConvNet options, fit options). 30 images, batches of 11 (parts of 6/5 and
+# 4/4/3 rows), batches of 2 (one of 3 ranks without rows); the class loss and SymBa with label channels, both
+# schedules, SGD and Adam with the cosine learning-rate schedule.
+CONV_SCENARIOS = {
+    "conv_class": (dict(optimizer="adam"), dict(epochs=2, batch_size=11)),
+    "conv_class_sgd_greedy": (dict(optimizer="sgd", lr=0.05, optimizer_options=dict(momentum=0.9)),
+                              dict(epochs=2, batch_size=11, schedule="greedy")),
+    "conv_symba": (dict(loss="symba", optimizer="adam"), dict(epochs=2, batch_size=11)),
+    "conv_tiny_batches": (dict(optimizer="adam"), dict(epochs=1, batch_size=2)),
+}
+
+
+def _images(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(30, 1, 8, 8, generator=gen), torch.randint(0, CLASSES, (30,), generator=gen)
+
+
+def _conv_net(**options) -> ffk.FFConvNet:
+    return ffk.FFConvNet(1, [8, 12], num_classes=CLASSES, seed=3, **options)
+
+
 def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(ROWS, FEATURES, generator=gen), torch.randint(0, CLASSES, (ROWS,), generator=gen)
@@ -86,6 +107,11 @@ def _train_scenarios(rank: int, world: int, names: list[str], save_dir: str) -> 
         if name.startswith("pipeline"):
             ffk.distributed.save(net, os.path.join(save_dir, f"{name}.pt"))
             out[name]["predictions"] = net.predict(x)
+    images, labels = _images()
+    for name, (net_options, fit_options) in CONV_SCENARIOS.items():
+        net = _conv_net(**net_options)
+        history = ffk.distributed.fit(net, images, labels, mode="data", timeout=30, **fit_options)
+        out[name] = {"history": history, **_snapshot(net)}
     return out
 
 
@@ -128,6 +154,36 @@ def test_data_parallel_equals_one_process_on_the_whole_batches(trained, name):
     assert len({r[name]["digest"] for r in trained["ranks"]}) == 1, "ranks ended with different networks"
     stats = trained["ranks"][0][name]["stats"]
     assert stats["bytes_sent"] > 0 and stats["world_size"] == trained["world"]
+
+
+@pytest.mark.parametrize("name", list(CONV_SCENARIOS))
+def test_conv_data_parallel_equals_one_process(trained, name):
+    """FFConvNet.fit in one process and distributed.fit(mode="data") on 2 and 3 ranks: the same parameters,
+    optimizer state and loss history (fp32 tolerance), every rank alike."""
+    net_options, fit_options = CONV_SCENARIOS[name]
+    ref = _conv_net(**net_options)
+    ref_history = ref.fit(*_images(), **fit_options)
+    for rank, result in enumerate(trained["ranks"]):
+        got = result[name]
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(got["params"][key], value, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}")
+        for got_state, ref_opt in zip(got["optimizers"], ref.optimizers):
+            for got_param_state, ref_param_state in zip(got_state, ref_opt.state):
+                for k, v in ref_param_state.items():
+                    if isinstance(v, torch.Tensor):
+                        torch.testing.assert_close(got_param_state[k], v, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(ref_history), atol=1e-5, rtol=1e-5)
+    assert len({r[name]["digest"] for r in trained["ranks"]}) == 1, "ranks ended with different networks"
+
+
+def test_only_ff_networks_and_conv_nets_data_parallel_are_taken():
+    from ff_kernels.distributed import training
+
+    with pytest.raises(TypeError, match="FFNet or FFConvNet"):
+        ffk.distributed.fit(torch.nn.Linear(2, 2), *_data(), epochs=1)
+    with pytest.raises(ValueError, match="an FFConvNet trains with mode='data'"):
+        training._check_arguments(_conv_net(), *_images(), "pipeline", "simultaneous", 1, 10, 1, None, 2, 1.0)
 
 
 def test_data_parallel_traffic_is_the_gradients(trained):

@@ -15,7 +15,7 @@ messages.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,8 +23,11 @@ from ff_kernels.distributed.comm import Comm
 from ff_kernels.net import FFNet
 from ff_kernels.optim import master_dtype
 
+if TYPE_CHECKING:
+    from ff_kernels.conv_net import FFConvNet
 
-def layer_params(net: FFNet, i: int) -> list[torch.Tensor]:
+
+def layer_params(net: FFNet | FFConvNet, i: int) -> list[torch.Tensor]:
     layer = net.layers[i]
     return [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
 
@@ -40,7 +43,7 @@ class GradReducer:
     """Sums the layers' weighted gradients and losses over ranks in buckets, and applies each layer's update from
     the summed gradients before that layer next steps (``apply``) or at the end of an epoch (``apply_all``)."""
 
-    def __init__(self, comm: Comm, net: FFNet, bucket_cap_bytes: int) -> None:
+    def __init__(self, comm: Comm, net: FFNet | FFConvNet, bucket_cap_bytes: int) -> None:
         self.comm, self.net, self.cap = comm, net, bucket_cap_bytes
         params = [p for i in range(len(net.layers)) for p in layer_params(net, i)]
         self.dtype = torch.float64 if any(master_dtype(p) == torch.float64 for p in params) else torch.float32

@@ -1,4 +1,5 @@
-"""``fit``: train an FFNet over all ranks of a torch.distributed process group, data parallel or as a layer pipeline."""
+"""``fit``: train an FFNet over all ranks of a torch.distributed process group, data parallel or as a layer pipeline,
+or an FFConvNet data parallel."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.distributed as dist
 
 import ff_kernels
 from ff_kernels._options import check_choice
-from ff_kernels.distributed import data_parallel, pipeline
+from ff_kernels.conv_net import FFConvNet
+from ff_kernels.distributed import data_parallel, data_parallel_conv, pipeline
 from ff_kernels.distributed.comm import Comm, DistributedError, digest, written_bytes
 from ff_kernels.net import FFNet
 
@@ -52,7 +54,7 @@ def init(device: torch.device | str | None = None, *, backend: str | None = None
     return device
 
 
-def save(net: FFNet, path: str, *, rank: int = 0, timeout: float = 300.0) -> None:
+def save(net: FFNet | FFConvNet, path: str, *, rank: int = 0, timeout: float = 300.0) -> None:
     """``net.save(path)`` on one rank (every rank holds the same network after ``fit``); the others wait for it."""
     comm = Comm(timeout, net.device)
     error = None
@@ -69,7 +71,7 @@ def save(net: FFNet, path: str, *, rank: int = 0, timeout: float = 300.0) -> Non
         raise DistributedError(f"rank {comm.rank}: rank {rank} could not save {path}")
 
 
-def _state(net: FFNet, layers: Sequence[int] | None = None) -> dict[str, Any]:
+def _state(net: FFNet | FFConvNet, layers: Sequence[int] | None = None) -> dict[str, Any]:
     """What makes two copies of a network train alike: parameters and buffers, optimizer state, generator."""
     if layers is None:
         return {
@@ -83,7 +85,7 @@ def _state(net: FFNet, layers: Sequence[int] | None = None) -> dict[str, Any]:
     }
 
 
-def _load_state(net: FFNet, state: dict[str, Any]) -> None:
+def _load_state(net: FFNet | FFConvNet, state: dict[str, Any]) -> None:
     """Copy ``state`` in place (the optimizers keep holding the same parameter tensors)."""
     if "module" in state:
         net.load_state_dict(state["module"])
@@ -96,7 +98,7 @@ def _load_state(net: FFNet, state: dict[str, Any]) -> None:
         net.optimizers[i].load_state_dict(state["optimizers"][i])
 
 
-def state_digest(net: FFNet) -> int:
+def state_digest(net: FFNet | FFConvNet) -> int:
     """A fingerprint of the whole training state, to check that every rank ends with the same network."""
     parts = [digest(t) for t in net.state_dict().values()]
     for opt in net.optimizers:
@@ -106,7 +108,7 @@ def state_digest(net: FFNet) -> int:
     return digest(parts)
 
 
-def _check_arguments(net: FFNet, x: torch.Tensor, y: torch.Tensor, mode: str, schedule: str, epochs: int,
+def _check_arguments(net: FFNet | FFConvNet, x: torch.Tensor, y: torch.Tensor, mode: str, schedule: str, epochs: int,
                      batch_size: int | None, micro_batches: int, stages: Sequence[int] | None, world: int,
                      bucket_cap_mb: float) -> list[range] | None:
     net._check_data(x, y)
@@ -124,6 +126,8 @@ def _check_arguments(net: FFNet, x: torch.Tensor, y: torch.Tensor, mode: str, sc
         if stages is not None:
             raise ValueError("stages is a pipeline setting; mode='data' runs every layer on every rank")
         return None
+    if isinstance(net, FFConvNet):
+        raise ValueError("mode='pipeline' trains an FFNet; an FFConvNet trains with mode='data'")
     if schedule != "simultaneous":
         raise ValueError(
             f"mode='pipeline' runs the simultaneous schedule (every layer steps on every batch); got "
@@ -138,7 +142,7 @@ def _check_arguments(net: FFNet, x: torch.Tensor, y: torch.Tensor, mode: str, sc
 
 
 def fit(
-    net: FFNet,
+    net: FFNet | FFConvNet,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -154,6 +158,9 @@ def fit(
     stats: dict[str, Any] | None = None,
 ) -> list[list[float]]:
     """Train ``net`` on (x, y) with every rank of the default process group; call it on every rank alike.
+
+    ``net`` is an FFNet, or an FFConvNet (``mode="data"`` only; ``schedule`` defaults to its "simultaneous" and
+    its learning-rate schedule applies, as ``FFConvNet.fit``; x are images).
 
     Every rank passes the same network configuration, data and arguments (checked at the start: a difference is a
     ValueError on every rank, naming it); rank 0's parameters, optimizer state and generator are broadcast first.
@@ -175,10 +182,10 @@ def fit(
     training time, steps, ``bytes_sent`` (the payload it handed to sends and collectives while training) and
     ``bytes_written`` (what the process wrote to sockets and files meanwhile, on Linux: the bytes on the wire).
     """
-    if not isinstance(net, FFNet):
-        raise TypeError(f"net must be an ff_kernels.FFNet; got {type(net).__name__}")
+    if not isinstance(net, (FFNet, FFConvNet)):
+        raise TypeError(f"net must be an ff_kernels.FFNet or FFConvNet; got {type(net).__name__}")
     check_choice("mode", mode, MODES)
-    schedule = schedule or ("greedy" if mode == "data" else "simultaneous")
+    schedule = schedule or ("greedy" if mode == "data" and isinstance(net, FFNet) else "simultaneous")
     check_choice("schedule", schedule, ("greedy", "simultaneous"))
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
@@ -209,14 +216,17 @@ def fit(
         raise DistributedError(message) from err
 
 
-def _run(net: FFNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, mode: str, schedule: str, epochs: int,
+def _run(net: FFNet | FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, mode: str, schedule: str, epochs: int,
          batch_size: int | None, micro_batches: int, stage_plan: list[range] | None, bucket_cap_mb: float,
          progress: bool, stats: dict[str, Any] | None) -> list[list[float]]:
     from tqdm.auto import tqdm
 
     if comm.world > 1:
         _load_state(net, comm.broadcast_object(_state(net), 0, "broadcast of rank 0's network"))
-    net.overlay_value.fill_(float(x.max()))
+    if isinstance(net, FFNet):
+        net.overlay_value.fill_(float(x.max()))
+    elif net.loss != "class":  # as FFConvNet.fit: the label channels' value
+        net.label_value.fill_(float(x.max()))
     total = epochs * len(net.layers) if mode == "data" and schedule == "greedy" else epochs
     label = f"FF {mode} x{comm.world}" + (f" {schedule}" if mode == "data" else "")
     bar = tqdm(total=total, disable=not progress or comm.rank != 0, desc=label, unit="epoch")
@@ -228,8 +238,12 @@ def _run(net: FFNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, mode: str, sc
     sent_before, written_before, start = comm.bytes_sent, written_bytes(), time.perf_counter()
     if mode == "data":
         reducer = data_parallel.GradReducer(comm, net, int(bucket_cap_mb * 2**20))
-        train = data_parallel.train_greedy if schedule == "greedy" else data_parallel.train_simultaneous
-        history = train(net, x, y, comm, reducer, epochs=epochs, batch_size=batch_size, tick=tick)
+        if isinstance(net, FFConvNet):
+            history = data_parallel_conv.train(net, x, y, comm, reducer, epochs=epochs, batch_size=batch_size,
+                                               schedule=schedule, tick=tick)
+        else:
+            train = data_parallel.train_greedy if schedule == "greedy" else data_parallel.train_simultaneous
+            history = train(net, x, y, comm, reducer, epochs=epochs, batch_size=batch_size, tick=tick)
         steps = epochs * len(pipeline.batch_rows(x.shape[0], batch_size))
         steps *= len(net.layers) if schedule == "greedy" else 1
         buckets = reducer.buckets
