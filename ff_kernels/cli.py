@@ -24,7 +24,7 @@ MODEL_DEFAULTS = {
     "mlp": {**FF_DEFAULTS, **distributed_cli.DEFAULTS, "dims": [500, 500], "epochs": 1000, "batch_size": 0,
             "optimizer": "adam", "lr": 0.03, "schedule": "greedy", "loss": "logistic", "normalize": "l2",
             "collab": "none", "overlay": "auto"},
-    "conv": {**FF_DEFAULTS, **blockwise_cli.SHARED_DEFAULTS, **conv_cli.DEFAULTS},
+    "conv": {**FF_DEFAULTS, **distributed_cli.DEFAULTS, **blockwise_cli.SHARED_DEFAULTS, **conv_cli.DEFAULTS},
     **{model: blockwise_cli.DEFAULTS for model in blockwise_cli.MODELS},
 }
 FF_MODELS = ("mlp", "conv")
@@ -33,9 +33,9 @@ FF_MODELS = ("mlp", "conv")
 APPLIES = {
     name: (where, test)
     for where, test, names in (
-        ("--model mlp", lambda a: a.model == "mlp", ("dims", "overlay", "collab", "distributed")),
+        ("--model mlp", lambda a: a.model == "mlp", ("dims", "overlay", "collab")),
         ("--model mlp or conv", lambda a: a.model in FF_MODELS,
-         ("goodness", "loss", "normalize", "compute_dtype", "compare_reference")),
+         ("goodness", "loss", "normalize", "compute_dtype", "compare_reference", "distributed")),
         ("--model mlp or conv with --loss logistic or symba", lambda a: a.model in FF_MODELS and a.loss != "class",
          ("threshold", "negatives")),
         ("--loss symba", lambda a: a.loss == "symba", ("alpha",)),

@@ -441,6 +441,23 @@ def test_torchrun_trains_digits_on_two_ranks(mode):
 
 
 @needs_torchrun
+def test_torchrun_trains_a_conv_net_data_parallel_as_one_process():
+    """``--model conv --distributed data`` on 2 ranks: the same accuracies as the same command in one process."""
+    options = ["--model", "conv", "--channels", "20,40", "--epochs", "2", "--batch-size", "64", "--no-progress"]
+    args = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ff_kernels", "train", "--distributed", "data",
+            "--timeout", "60", *options]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed data over 2 ranks (gloo" in done.stdout and "channels [20, 40]" in done.stdout
+    single = subprocess.run([sys.executable, "-m", "ff_kernels", "train", *options], capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    accuracies = [next(line for line in out.splitlines() if line.startswith("train accuracy"))
+                  for out in (done.stdout, single.stdout)]
+    assert accuracies[0] == accuracies[1], accuracies
+
+
+@needs_torchrun
 @pytest.mark.parametrize("mode,bad_rank", [("data", 0), ("pipeline", 1)])
 def test_torchrun_stops_with_an_error_naming_the_rank_that_raised(tmp_path, mode, bad_rank):
     """The whole launch, as a user runs it: torchrun exits non-zero well within the timeout and every rank's error

@@ -44,12 +44,19 @@ def test_device_cuda_without_cuda_is_an_error(model, capsys) -> None:
     assert "--device cuda but torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
-def test_distributed_conv_is_rejected_before_torchrun_is_needed(capsys, monkeypatch) -> None:
+def test_distributed_options_are_checked_before_torchrun_is_needed(capsys, monkeypatch) -> None:
+    """What --distributed cannot do is refused before anything asks for torchrun's environment; what it can do
+    without it says how to launch it."""
     for variable in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
-    assert main(["train", "--distributed", "data", "--model", "conv", "--no-progress"]) == 2
+    assert main(["train", "--distributed", "pipeline", "--model", "conv", "--no-progress"]) == 2
     out, err = capsys.readouterr()
-    assert "--distributed applies to --model mlp only" in err and out == ""
+    assert "--distributed pipeline trains --model mlp; --model conv trains with --distributed data" in err
+    assert out == ""
+    assert main(["train", "--distributed", "data", "--model", "small_cnn", "--no-progress"]) == 2
+    assert "--distributed applies to --model mlp or conv only" in capsys.readouterr().err
+    assert main(["train", "--distributed", "data", "--model", "conv", "--no-progress"]) == 2
+    assert "launch with e.g. torchrun" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

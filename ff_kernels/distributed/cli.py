@@ -18,9 +18,9 @@ DEFAULTS = {"timeout": 300.0}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train command's distributed options."""
     parser.add_argument("--distributed", default=None, choices=MODES,
-                        help="train over the ranks torchrun started: data parallel, or a layer pipeline (needs "
-                             "--schedule simultaneous); e.g. torchrun --standalone --nproc-per-node 2 -m ff_kernels "
-                             "train --distributed data")
+                        help="train over the ranks torchrun started: data parallel (--model mlp or conv), or a layer "
+                             "pipeline (--model mlp, --schedule simultaneous); e.g. torchrun --standalone "
+                             "--nproc-per-node 2 -m ff_kernels train --distributed data")
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="pipeline: micro-batches per batch (default 1; their gradients make one update)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -34,6 +34,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         return
     if args.compare_reference:
         raise ValueError("--compare-reference trains in one process; leave it out with --distributed")
+    if args.distributed == "pipeline" and args.model == "conv":
+        raise ValueError("--distributed pipeline trains --model mlp; --model conv trains with --distributed data")
     if args.distributed == "pipeline" and args.schedule != "simultaneous":
         raise ValueError(
             "--distributed pipeline runs the simultaneous schedule (every layer steps on every batch): add "
@@ -48,6 +50,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Join torchrun's process group, train on every rank, and report on rank 0 (every rank holds the network).
     The arguments are the ones that ``resolve_train_arguments`` filled in and checked."""
+    from ff_kernels import conv_cli
     from ff_kernels.cli import build_net, peak_memory_mib
     from ff_kernels.data import load_dataset
 
@@ -57,16 +60,18 @@ def run_train(args: argparse.Namespace) -> int:
         if args.distributed == "pipeline" and len(args.dims) < world:
             raise ValueError(f"--distributed pipeline gives every rank at least one layer, but --dims has "
                              f"{len(args.dims)} layer(s) for {world} ranks; use fewer ranks or --distributed data")
-        dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+        dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=args.model == "conv")
         net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
         if rank == 0:
             micro = f", {args.micro_batches or 1} micro-batch(es) per batch" if args.distributed == "pipeline" else ""
+            layers = (conv_cli.describe(args, dataset) if args.model == "conv" else
+                      f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}, "
+                      f"collab {args.collab}")
             print(
                 f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
-                f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}, {args.schedule}, "
-                f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, collab {args.collab}, "
-                f"backend {args.backend}, device {device}; distributed {args.distributed} over {world} ranks "
-                f"({dist.get_backend()}, {torch.get_num_threads()} thread(s) each){micro}",
+                f"{layers}, {args.schedule}, {args.epochs} epochs, batch {args.batch_size or 'full'}, loss "
+                f"{args.loss}, backend {args.backend}, device {device}; distributed {args.distributed} over {world} "
+                f"ranks ({dist.get_backend()}, {torch.get_num_threads()} thread(s) each){micro}",
                 flush=True,
             )
         x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
