@@ -383,13 +383,23 @@ def test_fp16_near_zero_row_with_large_bias_sgd_update():
         assert bool(((p.double() - expected).abs() <= allowed).all()), name
 
 
+MANY_ROWS_OPTIONS = [
+    ("l2", "logistic", "mean", True, 611, 592),
+    ("rms", "symba", "sum", False, 601, 601),
+    ("none", "logistic", "sum", True, 517, 700),
+]
+
+
+@pytest.mark.parametrize("normalize,loss,goodness,bias,rows_pos,rows_neg", MANY_ROWS_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_many_rows_low_precision(dtype):
-    """M = 1203 rows (38 row tiles of 32 under the interpreter, 19 of 64 on a GPU), odd K and N: every output
-    within the low-precision rule of the float64 truth."""
-    rows_pos, rows_neg, k, n = 611, 592, 41, 23
-    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(rows_pos, rows_neg, k, n, dtype=dtype, offsets=True)
-    opts = step_options(n)
+def test_many_rows_low_precision(dtype, normalize, loss, goodness, bias, rows_pos, rows_neg):
+    """M >= 1202 rows (38 row tiles of 32 under the interpreter, 19 of 64 on a GPU), odd K and N, three option
+    sets (normalisations, losses, goodness, with and without bias): every output within the low-precision rule of
+    the float64 truth."""
+    k, n = 41, 23
+    x_pos, x_neg, w, b, off_pos, off_neg = make_inputs(rows_pos, rows_neg, k, n, dtype=dtype, bias=bias,
+                                                       offsets=True)
+    opts = step_options(n, normalize=normalize, loss=loss, goodness=goodness)
     out = ff_linear_step_triton(x_pos, x_neg, w, b, opts, off_pos, off_neg)
     same_precision = ff_linear_step_ref(x_pos, x_neg, w, b, opts, off_pos, off_neg, upcast=False)
     assert_low_precision_rule(out, _truth64(x_pos, x_neg, w, b, opts, off_pos, off_neg), same_precision)
