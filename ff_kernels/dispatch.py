@@ -64,7 +64,8 @@ TABLE: dict[tuple[str, str], Implementation] = {
     # Through the conv class step on 1x1 images: one sample per row tile, correct but slow on a GPU, so ``auto``
     # keeps the torch backend (cuBLAS) there.
     ("linear_class_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True, auto=False, float64=False
+        "ff_kernels.ops.triton.conv_ops:ff_linear_class_step_triton", fuses_update=True, auto=False,
+        compute_dtype=True, float64=False
     ),
     ("conv2d_step", "reference"): Implementation("ff_kernels.reference_conv:ff_conv2d_step_ref"),
     ("conv2d_step", "torch"): Implementation("ff_kernels.ops.torch_conv:ff_conv2d_step_torch", compute_dtype=True),
@@ -77,13 +78,14 @@ TABLE: dict[tuple[str, str], Implementation] = {
         "ff_kernels.ops.torch_conv:ff_conv2d_forward_torch", compute_dtype=True
     ),
     ("conv2d_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_conv2d_step_triton", fuses_update=True, float64=False
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_step_triton", fuses_update=True, compute_dtype=True, float64=False
     ),
     ("conv2d_class_step", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True, float64=False
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_class_step_triton", fuses_update=True, compute_dtype=True,
+        float64=False
     ),
     ("conv2d_forward", "triton"): Implementation(
-        "ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton", float64=False
+        "ff_kernels.ops.triton.conv_ops:ff_conv2d_forward_triton", compute_dtype=True, float64=False
     ),
     # CPU tensors only: the torch closed form with the extension's fused goodness pass (ops/cpu_conv.py).
     ("linear_class_step", "cuda"): Implementation(

@@ -831,7 +831,7 @@ def _bad_calls():
         ("optimizer must be an ff_kernels.optim", lambda: cstep(x, labels, cw, cb, **ckw,
                                                                 optimizer=torch.optim.SGD([cw], lr=0.1))),
         ("x has 4 features", lambda: lstep(torch.zeros(3, 4), labels[:3], torch.zeros(4, 5), num_classes=2)),
-        ("compute_dtype=.*backend='torch'( or 'cuda')? only",
+        ("compute_dtype=.*backend='torch'( or 'triton')?( or 'cuda')? only",
          lambda: cstep(x, labels, cw, cb, **ckw, backend="reference", compute_dtype=torch.bfloat16)),
     ]
 

@@ -233,13 +233,50 @@ def test_low_precision_flash_attention_rule(op, dtype) -> None:
     _assert_flash_attention_rule(out, truth, baseline, dtype, fields)
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("op", ["conv2d_step", "conv2d_class_step"])
+def test_compute_dtype_flash_attention_rule(op, dtype) -> None:
+    """fp32 images and weights with ``compute_dtype``: both GEMMs in ``dtype`` (h in it), the gradients fp32; every
+    output within FlashAttention's rule of the float64 truth, against the torch backend's ``compute_dtype`` step."""
+    args32, kwargs = _low_conv_case(op)
+    step = ffk.ff_conv2d_step if op == "conv2d_step" else ffk.ff_conv2d_class_step
+    fields = STEP_FIELDS if op == "conv2d_step" else CLASS_FIELDS
+    truth = step(*(t.double() if t.is_floating_point() else t for t in args32), **kwargs, backend="reference")
+    baseline = step(*args32, **kwargs, backend="torch", compute_dtype=dtype)
+    out = _cpu(step(*_on_device(args32), **kwargs, backend="triton", compute_dtype=dtype))
+    h = out.h_pos if op == "conv2d_step" else out.h
+    assert h.dtype == dtype and out.grad_weight.dtype == torch.float32
+    _assert_flash_attention_rule(out, truth, baseline, dtype, fields)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_compute_dtype_fused_update_writes_the_fp32_master_weight(optimizer) -> None:
+    """bf16 compute over fp32 weights: GEMM 2's epilogue updates the fp32 weight and state as optimizer.update
+    does with the same step's fp32 gradients (two steps, on a clone)."""
+    (x, labels, w, b), kwargs = _low_conv_case("conv2d_class_step")
+    x, labels, w, b = _on_device((x, labels, w, b))
+    w_ref, b_ref = w.clone(), b.clone()
+    make = {"sgd": lambda p: optim.SGD(p, lr=0.05, momentum=0.9), "adam": lambda p: optim.Adam(p, lr=1e-2)}[optimizer]
+    opt, opt_ref = make([w, b]), make([w_ref, b_ref])
+    for _ in range(2):
+        grads = ffk.ff_conv2d_class_step(x, labels, w_ref, b_ref, **kwargs, backend="triton",
+                                         compute_dtype=torch.bfloat16)
+        ffk.ff_conv2d_class_step(x, labels, w, b, **kwargs, optimizer=opt, backend="triton",
+                                 compute_dtype=torch.bfloat16)
+        opt_ref.update([w_ref, b_ref], [grads.grad_weight, grads.grad_bias])
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the boundary, custom ops, torch.compile
 
 
 def test_dispatch_lists_triton_for_the_conv_ops() -> None:
-    for op in ("conv2d_step", "conv2d_class_step", "conv2d_forward"):
+    for op in ("conv2d_step", "conv2d_class_step", "conv2d_forward", "linear_class_step"):
         assert "triton" in dispatch.backends_for(op) and (op, "triton") not in dispatch.MISSING
+        assert dispatch.spec(op, "triton").compute_dtype
 
 
 def test_float64_is_an_error_naming_the_weight() -> None:
@@ -269,13 +306,14 @@ def test_opcheck_step(bias) -> None:
     x_pos, x_neg, w, b = _op_inputs(bias)
     offsets = torch.randn(3).to(DEVICE), None
     torch.library.opcheck(torch.ops.ff_kernels.triton_conv_step.default,
-                          (x_pos, x_neg, w, b, *GEOMETRY_ARGS, *offsets, 0.5, 0.1, "logistic", "l2", 1e-4, 4.0))
+                          (x_pos, x_neg, w, b, None, *GEOMETRY_ARGS, *offsets, 0.5, 0.1, "logistic", "l2", 1e-4,
+                           4.0))
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_opcheck_step_update(opt) -> None:
     x_pos, x_neg, w, b = _op_inputs()
-    step_args = (*GEOMETRY_ARGS, None, None, 0.5, 0.1, "logistic", "rms", 1e-4, 4.0)
+    step_args = (None, *GEOMETRY_ARGS, None, None, 0.5, 0.1, "logistic", "rms", 1e-4, 4.0)
     if opt == "sgd":
         update = (1, torch.zeros_like(w), None, torch.zeros_like(b), None, HYPER, [True, False, False, False])
     else:
@@ -288,7 +326,7 @@ def test_opcheck_step_update(opt) -> None:
 def test_opcheck_class_steps() -> None:
     x, _, w, b = _op_inputs()
     labels = torch.tensor([0, 1, 1]).to(DEVICE)
-    class_args = (*GEOMETRY_ARGS, 2, 0.1, 0.5, "l2", 1e-4)
+    class_args = (None, *GEOMETRY_ARGS, 2, 0.1, 0.5, "l2", 1e-4)
     torch.library.opcheck(torch.ops.ff_kernels.triton_conv_class_step.default, (x, labels, w, b, *class_args))
     update = (2, torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(b), torch.zeros_like(b), HYPER,
               [False, False, False, False])
@@ -346,10 +384,11 @@ def test_interpreter_uses_single_config() -> None:
 
 def test_inspect_captures_the_conv_layers() -> None:
     """``ff-kernels inspect`` plans the conv steps of ``CONV_SHAPES`` for every precision and optimizer (the CI
-    subset leaves them out); GEMM K is C_in kh kw and N the channels."""
+    subset the first, in bf16 with Adam); GEMM K is C_in kh kw and N the channels."""
     from ff_kernels import inspect
 
     specs = [s for s in inspect._step_specs(inspect.Selection()) if isinstance(s, inspect.ConvSpec)]
     assert len(specs) == len(inspect.PRECISIONS) * len(inspect.OPTIMIZERS) * len(inspect.CONV_SHAPES)
     assert {(s.in_features, s.out_features) for s in specs} == {(27, 64), (576, 128)}
-    assert not any(isinstance(s, inspect.ConvSpec) for s in inspect._step_specs(inspect.SUBSETS["ci"]))
+    ci = [s for s in inspect._step_specs(inspect.SUBSETS["ci"]) if isinstance(s, inspect.ConvSpec)]
+    assert [(s.precision, s.optimizer, s.in_features, s.out_features) for s in ci] == [("bf16", "adam", 27, 64)]

@@ -168,15 +168,22 @@ def _capture_conv(spec: ConvSpec) -> tuple[Launch, ...]:
         **{name: class_defaults[name].default for name in ("goodness", "temperature", "normalize", "eps")},
         num_classes=2, channels=spec.out_features, positions=positions,
     )
-    optimizer = {
-        "none": lambda: None,
-        "sgd": lambda: optim.SGD([weight, bias], lr=1e-3, momentum=0.9),
-        "adam": lambda: optim.Adam([weight, bias], lr=1e-3),
-    }[spec.optimizer]()
+    make_optimizer = {
+        "none": lambda params: None,
+        "sgd": lambda params: optim.SGD(params, lr=1e-3, momentum=0.9),
+        "adam": lambda params: optim.Adam(params, lr=1e-3),
+    }[spec.optimizer]
     labels = torch.zeros(spec.rows, dtype=torch.int64)
+    # The layer's own dtype, then (bf16, fp16) the same GEMMs over fp32 master weights (compute_dtype).
+    layers = [(weight, bias, None)]
+    if dtype != torch.float32:
+        layers.append((weight.float(), bias.float(), dtype))
     with _tf32(spec.precision == "tf32"), _intercepted_launches() as launches:
-        ff_conv2d_step_triton(x_pos, x_neg, weight, bias, opts, geometry, optimizer=optimizer)
-        ff_conv2d_class_step_triton(x_pos, labels, weight, bias, class_opts, geometry, optimizer=optimizer)
+        for w, b, compute in layers:
+            optimizer = make_optimizer([w, b])
+            ff_conv2d_step_triton(x_pos, x_neg, w, b, opts, geometry, optimizer=optimizer, compute_dtype=compute)
+            ff_conv2d_class_step_triton(x_pos, labels, w, b, class_opts, geometry, optimizer=optimizer,
+                                        compute_dtype=compute)
     return tuple(launches)
 
 

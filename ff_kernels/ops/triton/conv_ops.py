@@ -68,18 +68,30 @@ def _update(
     return Update(opt, s1w=s1w, s2w=s2w, s1b=s1b, s2b=s2b, **values)
 
 
+def _check_w_gemm(w: torch.Tensor, w_gemm: torch.Tensor | None) -> torch.Tensor:
+    """The weight GEMM 1 reads: ``w_gemm`` (the weight in the inputs' dtype, for ``compute_dtype``) or ``w``."""
+    if w_gemm is None:
+        return w
+    if w_gemm.shape != w.shape or w_gemm.device != w.device:
+        raise ValueError(f"w_gemm must be a copy of the weight {tuple(w.shape)} on {w.device}; got "
+                         f"{tuple(w_gemm.shape)} on {w_gemm.device}")
+    return w_gemm
+
+
 def _conv_step(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     geometry: ConvGeometry,
     offset_pos: torch.Tensor | None,
     offset_neg: torch.Tensor | None,
     opts: StepOptions,
     update: Update,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The positive/negative step: (loss, g (P+Q,), h (P+Q, C, H', W'), grad_weight, grad_bias)."""
+    """The positive/negative step: (loss, g (P+Q,), h (P+Q, C, H', W'), grad_weight, grad_bias). GEMM 1 reads
+    ``w_gemm`` where given (the inputs' dtype); the gradient and the update are the weight's."""
     rows_pos, rows_neg = x_pos.shape[0], x_neg.shape[0]
     if rows_pos + rows_neg == 0:
         raise ValueError("x_pos and x_neg are both empty: a step needs at least one sample")
@@ -87,7 +99,7 @@ def _conv_step(
         raise ValueError(f"loss='symba' pairs the samples of x_pos and x_neg: got {rows_pos} and {rows_neg}")
     with torch.cuda.device_of(w):  # Triton launches on the current device, not the tensors'
         r = launch_conv_scale(x_pos, x_neg, opts.normalize, opts.eps)
-        h, partials, tiles = launch_conv_forward(x_pos, x_neg, w, b, geometry, r)
+        h, partials, tiles = launch_conv_forward(x_pos, x_neg, _check_w_gemm(w, w_gemm), b, geometry, r)
         g, c, loss = launch_row_step(partials, tiles * w.shape[0], rows_pos, rows_neg, opts, offset_pos, offset_neg)
         scale = coefficient_scale(opts, rows_pos, rows_neg)
         grad_w, grad_b = launch_conv_grad_update(x_pos, x_neg, h, c.view(-1, 1), r, w, b, geometry, scale, update)
@@ -99,6 +111,7 @@ def _conv_class_step(
     labels: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     geometry: ConvGeometry,
     opts: ClassStepOptions,
     update: Update,
@@ -113,7 +126,7 @@ def _conv_class_step(
         raise ValueError(f"weight has {w.shape[0]} channels, not divisible by num_classes={opts.num_classes}")
     with torch.cuda.device_of(w):
         r = launch_conv_scale(x, x[:0], opts.normalize, opts.eps)
-        h, partials, tiles = launch_conv_forward(x, x[:0], w, b, geometry, r)
+        h, partials, tiles = launch_conv_forward(x, x[:0], _check_w_gemm(w, w_gemm), b, geometry, r)
         g, c, loss = launch_conv_class(partials, tiles, labels, opts.num_classes, opts.kappa, opts.temperature)
         scale = class_coefficient_scale(opts, x.shape[0])
         grad_w, grad_b = launch_conv_grad_update(x, x[:0], h, c, r, w, b, geometry, scale, update)
@@ -138,19 +151,21 @@ _SCHEMAS = {
         "-> (Tensor, Tensor)"
     ),
     "conv_step": (
-        f"(Tensor x_pos, Tensor x_neg, Tensor w, Tensor? b, {_GEOMETRY}, {_STEP_ARGS}) "
+        f"(Tensor x_pos, Tensor x_neg, Tensor w, Tensor? b, Tensor? w_gemm, {_GEOMETRY}, {_STEP_ARGS}) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "conv_step_update_": (
-        f"(Tensor x_pos, Tensor x_neg, Tensor(a!) w, Tensor(b!)? b, {_GEOMETRY}, {_STEP_ARGS}, {_UPDATE_ARGS}) "
+        f"(Tensor x_pos, Tensor x_neg, Tensor(a!) w, Tensor(b!)? b, Tensor? w_gemm, {_GEOMETRY}, {_STEP_ARGS}, "
+        f"{_UPDATE_ARGS}) "
         "-> (Tensor, Tensor, Tensor)"
     ),
     "conv_class_step": (
-        f"(Tensor x, Tensor labels, Tensor w, Tensor? b, {_GEOMETRY}, {_CLASS_ARGS}) "
+        f"(Tensor x, Tensor labels, Tensor w, Tensor? b, Tensor? w_gemm, {_GEOMETRY}, {_CLASS_ARGS}) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "conv_class_step_update_": (
-        f"(Tensor x, Tensor labels, Tensor(a!) w, Tensor(b!)? b, {_GEOMETRY}, {_CLASS_ARGS}, {_UPDATE_ARGS}) "
+        f"(Tensor x, Tensor labels, Tensor(a!) w, Tensor(b!)? b, Tensor? w_gemm, {_GEOMETRY}, {_CLASS_ARGS}, "
+        f"{_UPDATE_ARGS}) "
         "-> (Tensor, Tensor, Tensor)"
     ),
 }
@@ -211,11 +226,11 @@ def _(x, w, b, stride, padding, dilation, kappa, normalize, eps, num_classes):
     return _h_like(x, w, x.shape[0], stride, padding, dilation), x.new_empty(g_shape, dtype=torch.float32)
 
 
-def _step_no_update(x_pos, x_neg, w, b, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss,
-                    normalize, eps, alpha):
+def _step_no_update(x_pos, x_neg, w, b, w_gemm, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa,
+                    loss, normalize, eps, alpha):
     opts = _step_options(threshold, kappa, loss, normalize, eps, alpha)
     geometry = _geometry(stride, padding, dilation)
-    out = _conv_step(x_pos, x_neg, w, b, geometry, offset_pos, offset_neg, opts, Update(OPT_NONE))
+    out = _conv_step(x_pos, x_neg, w, b, w_gemm, geometry, offset_pos, offset_neg, opts, Update(OPT_NONE))
     return (*out[:4], _grad_bias_like(w, b) if out[4] is None else out[4])
 
 
@@ -232,31 +247,32 @@ def _fake_step(x_pos, x_neg, w, stride, padding, dilation):
 
 
 @_step_op.register_fake
-def _(x_pos, x_neg, w, b, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps,
-      alpha):
+def _(x_pos, x_neg, w, b, w_gemm, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss,
+      normalize, eps, alpha):
     return (*_fake_step(x_pos, x_neg, w, stride, padding, dilation), torch.empty_like(w), _grad_bias_like(w, b))
 
 
-def _step_update(x_pos, x_neg, w, b, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss,
-                 normalize, eps, alpha, opt, s1w, s2w, s1b, s2b, hyper, flags):
+def _step_update(x_pos, x_neg, w, b, w_gemm, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa,
+                 loss, normalize, eps, alpha, opt, s1w, s2w, s1b, s2b, hyper, flags):
     opts = _step_options(threshold, kappa, loss, normalize, eps, alpha)
     update = _update(opt, w, b, (s1w, s2w, s1b, s2b), hyper, flags)
     geometry = _geometry(stride, padding, dilation)
-    return _conv_step(x_pos, x_neg, w, b, geometry, offset_pos, offset_neg, opts, update)[:3]
+    return _conv_step(x_pos, x_neg, w, b, w_gemm, geometry, offset_pos, offset_neg, opts, update)[:3]
 
 
 _step_update_op = _custom_op("conv_step_update_")(_step_update)
 
 
 @_step_update_op.register_fake
-def _(x_pos, x_neg, w, b, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss, normalize, eps,
-      alpha, opt, s1w, s2w, s1b, s2b, hyper, flags):
+def _(x_pos, x_neg, w, b, w_gemm, stride, padding, dilation, offset_pos, offset_neg, threshold, kappa, loss,
+      normalize, eps, alpha, opt, s1w, s2w, s1b, s2b, hyper, flags):
     return _fake_step(x_pos, x_neg, w, stride, padding, dilation)
 
 
-def _class_no_update(x, labels, w, b, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps):
+def _class_no_update(x, labels, w, b, w_gemm, stride, padding, dilation, num_classes, kappa, temperature, normalize,
+                     eps):
     opts = _class_options(num_classes, kappa, temperature, normalize, eps)
-    out = _conv_class_step(x, labels, w, b, _geometry(stride, padding, dilation), opts, Update(OPT_NONE))
+    out = _conv_class_step(x, labels, w, b, w_gemm, _geometry(stride, padding, dilation), opts, Update(OPT_NONE))
     return (*out[:4], _grad_bias_like(w, b) if out[4] is None else out[4])
 
 
@@ -272,23 +288,23 @@ def _fake_class(x, w, stride, padding, dilation, num_classes):
 
 
 @_class_op.register_fake
-def _(x, labels, w, b, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps):
+def _(x, labels, w, b, w_gemm, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps):
     return (*_fake_class(x, w, stride, padding, dilation, num_classes), torch.empty_like(w), _grad_bias_like(w, b))
 
 
-def _class_update(x, labels, w, b, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps, opt,
-                  s1w, s2w, s1b, s2b, hyper, flags):
+def _class_update(x, labels, w, b, w_gemm, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps,
+                  opt, s1w, s2w, s1b, s2b, hyper, flags):
     opts = _class_options(num_classes, kappa, temperature, normalize, eps)
     update = _update(opt, w, b, (s1w, s2w, s1b, s2b), hyper, flags)
-    return _conv_class_step(x, labels, w, b, _geometry(stride, padding, dilation), opts, update)[:3]
+    return _conv_class_step(x, labels, w, b, w_gemm, _geometry(stride, padding, dilation), opts, update)[:3]
 
 
 _class_update_op = _custom_op("conv_class_step_update_")(_class_update)
 
 
 @_class_update_op.register_fake
-def _(x, labels, w, b, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps, opt, s1w, s2w, s1b,
-      s2b, hyper, flags):
+def _(x, labels, w, b, w_gemm, stride, padding, dilation, num_classes, kappa, temperature, normalize, eps, opt, s1w,
+      s2w, s1b, s2b, hyper, flags):
     return _fake_class(x, w, stride, padding, dilation, num_classes)
 
 
@@ -309,6 +325,16 @@ def _geometry_lists(geometry: ConvGeometry) -> tuple[list[int], list[int], list[
     return list(geometry.stride), list(geometry.padding), list(geometry.dilation)
 
 
+def _in_compute_dtype(
+    xs: tuple[torch.Tensor, ...], weight: torch.Tensor, compute_dtype: torch.dtype | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """The inputs in ``compute_dtype`` (their memory format kept) and, where the weight has another dtype, its copy
+    in it for GEMM 1 (the gradient and the update stay the weight's: fp32 master weights with bf16 compute)."""
+    if compute_dtype is None:
+        return xs, None
+    return tuple(x.to(compute_dtype) for x in xs), None if compute_dtype == weight.dtype else weight.to(compute_dtype)
+
+
 def ff_conv2d_step_triton(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -319,11 +345,14 @@ def ff_conv2d_step_triton(
     offset_pos: torch.Tensor | None = None,
     offset_neg: torch.Tensor | None = None,
     optimizer: FusedOptimizer | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FFStepOutput:
-    """One fused positive/negative conv step; the update (if any) applied in GEMM 2's epilogue, in place."""
+    """One fused positive/negative conv step; the update (if any) applied in GEMM 2's epilogue, in place. With
+    ``compute_dtype``, both GEMMs run in it (h returned in it) and the update is the weight's."""
+    (x_pos, x_neg), w_gemm = _in_compute_dtype((x_pos, x_neg), weight, compute_dtype)
     step_args = (
-        *_geometry_lists(geometry), offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss, opts.normalize,
-        opts.eps, opts.alpha,
+        w_gemm, *_geometry_lists(geometry), offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss,
+        opts.normalize, opts.eps, opts.alpha,
     )
     traced = torch.compiler.is_compiling()
     grad_w = grad_b = None
@@ -347,10 +376,13 @@ def ff_conv2d_class_step_triton(
     opts: ClassStepOptions,
     geometry: ConvGeometry,
     optimizer: FusedOptimizer | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FFClassStepOutput:
-    """One fused class-goodness conv step; the update (if any) applied in GEMM 2's epilogue, in place."""
+    """One fused class-goodness conv step; the update (if any) applied in GEMM 2's epilogue, in place. With
+    ``compute_dtype``, both GEMMs run in it (h returned in it) and the update is the weight's."""
     update = None if optimizer is None else _update_args(optimizer, weight, bias)
-    return _class_step(x, labels, weight, bias, opts, geometry, update)
+    (x,), w_gemm = _in_compute_dtype((x,), weight, compute_dtype)
+    return _class_step(x, labels, weight, bias, w_gemm, opts, geometry, update)
 
 
 def _class_step(
@@ -358,12 +390,15 @@ def _class_step(
     labels: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
     opts: ClassStepOptions,
     geometry: ConvGeometry,
     update: tuple | None,
 ) -> FFClassStepOutput:
     """The class step's op call, ``update`` being :func:`_update_args`'s tuple (None: return the gradients)."""
-    class_args = (*_geometry_lists(geometry), opts.num_classes, opts.kappa, opts.temperature, opts.normalize, opts.eps)
+    class_args = (
+        w_gemm, *_geometry_lists(geometry), opts.num_classes, opts.kappa, opts.temperature, opts.normalize, opts.eps
+    )
     traced = torch.compiler.is_compiling()
     if update is None:
         step = torch.ops.ff_kernels.triton_conv_class_step if traced else _class_no_update
@@ -387,6 +422,7 @@ def ff_linear_class_step_triton(
     bias: torch.Tensor | None,
     opts: ClassStepOptions,
     optimizer: FusedOptimizer | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FFClassStepOutput:
     """One fused class-goodness linear step: the conv class step on x (B, K) as (B, K, 1, 1) images and the weight
     (N, K) as an (N, K, 1, 1) kernel, so one set of kernels serves both. Views throughout, never copies: the update
@@ -398,7 +434,8 @@ def ff_linear_class_step_triton(
     if optimizer is not None:
         opt, s1w, s2w, *rest = _update_args(optimizer, weight, bias)  # the optimizer holds the (N, K) tensor
         update = (opt, *(None if s is None else s.view(kernel.shape) for s in (s1w, s2w)), *rest)
-    out = _class_step(x.view(*x.shape, 1, 1), labels, kernel, bias, opts, _LINEAR_GEOMETRY, update)
+    (x,), w_gemm = _in_compute_dtype((x,), kernel, compute_dtype)
+    out = _class_step(x.view(*x.shape, 1, 1), labels, kernel, bias, w_gemm, opts, _LINEAR_GEOMETRY, update)
     grad_w = None if out.grad_weight is None else out.grad_weight.view(weight.shape)
     return out._replace(h=out.h.view(x.shape[0], weight.shape[0]), grad_weight=grad_w)
 
@@ -413,7 +450,11 @@ def ff_conv2d_forward_triton(
     normalize: str,
     eps: float,
     num_classes: int | None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference, GEMM 1 alone: h (x's dtype) and the goodness (fp32) per sample or per (sample, group)."""
+    """Inference, GEMM 1 alone: h (in ``compute_dtype``, by default x's dtype) and the goodness (fp32) per sample or
+    per (sample, group)."""
+    if compute_dtype is not None:
+        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
     forward = torch.ops.ff_kernels.triton_conv_forward if torch.compiler.is_compiling() else _forward
     return forward(x, weight, bias, *_geometry_lists(geometry), kappa, normalize, eps, num_classes or 0)
