@@ -134,10 +134,10 @@ def trained(request, tmp_path_factory):
     return {"world": request.param, "ranks": ranks, "save_dir": save_dir, "seconds": time.perf_counter() - start}
 
 
-@pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("data")])
-def test_data_parallel_equals_one_process_on_the_whole_batches(trained, name):
-    ref, ref_history = _reference(name)
-    for rank, result in enumerate(trained["ranks"]):
+def _assert_every_rank_trained_as(ranks: list[dict], name: str, ref, ref_history: list[list[float]]) -> None:
+    """Every rank's parameters, optimizer state and loss history of scenario ``name`` equal the one-process run's
+    (fp32 tolerance), and all ranks hold the same network."""
+    for rank, result in enumerate(ranks):
         got = result[name]
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(got["params"][key], value, atol=2e-5, rtol=1e-4,
@@ -151,7 +151,13 @@ def test_data_parallel_equals_one_process_on_the_whole_batches(trained, name):
                     else:
                         assert got_param_state[k] == v
         torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(ref_history), atol=1e-5, rtol=1e-5)
-    assert len({r[name]["digest"] for r in trained["ranks"]}) == 1, "ranks ended with different networks"
+    assert len({r[name]["digest"] for r in ranks}) == 1, "ranks ended with different networks"
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("data")])
+def test_data_parallel_equals_one_process_on_the_whole_batches(trained, name):
+    ref, ref_history = _reference(name)
+    _assert_every_rank_trained_as(trained["ranks"], name, ref, ref_history)
     stats = trained["ranks"][0][name]["stats"]
     assert stats["bytes_sent"] > 0 and stats["world_size"] == trained["world"]
 
@@ -163,18 +169,7 @@ def test_conv_data_parallel_equals_one_process(trained, name):
     net_options, fit_options = CONV_SCENARIOS[name]
     ref = _conv_net(**net_options)
     ref_history = ref.fit(*_images(), **fit_options)
-    for rank, result in enumerate(trained["ranks"]):
-        got = result[name]
-        for key, value in ref.state_dict().items():
-            torch.testing.assert_close(got["params"][key], value, atol=2e-5, rtol=1e-4,
-                                       msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}")
-        for got_state, ref_opt in zip(got["optimizers"], ref.optimizers):
-            for got_param_state, ref_param_state in zip(got_state, ref_opt.state):
-                for k, v in ref_param_state.items():
-                    if isinstance(v, torch.Tensor):
-                        torch.testing.assert_close(got_param_state[k], v, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(ref_history), atol=1e-5, rtol=1e-5)
-    assert len({r[name]["digest"] for r in trained["ranks"]}) == 1, "ranks ended with different networks"
+    _assert_every_rank_trained_as(trained["ranks"], name, ref, ref_history)
 
 
 def test_only_ff_networks_and_conv_nets_data_parallel_are_taken():

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from ff_kernels.inspect import _nvcc
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 KERNELS = sorted(CSRC.rglob("*.cu"))
 BINDINGS = sorted((CSRC / "cuda").glob("*.cpp"))
@@ -31,15 +33,6 @@ TORCH_NVCC_DEFINES = [
 # Headers a kernel file may include: CUDA's own, the C++ standard library's, and the project's plain interface.
 CUDA_HEADER = re.compile(r"<(cuda[\w/]*\.h|cuda_\w+\.h|mma\.h|cuda/\S+)>")
 STD_HEADER = re.compile(r"<c?[a-z_]+>")
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidate = Path(home) / "bin" / "nvcc"
-    return str(candidate) if candidate.exists() else None
 
 
 NVCC = _nvcc()
