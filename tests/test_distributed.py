@@ -55,15 +55,21 @@ SCENARIOS = {
 }
 
 
-# FFConvNet, data parallel: name -> (FFConvNet options, fit options). 30 images, batches of 11 (parts of 6/5 and
+# FFConvNet (three layers): name -> (FFConvNet options, fit options). 30 images, batches of 11 (parts of 6/5 and
 # 4/4/3 rows), batches of 2 (one of 3 ranks without rows); the class loss and SymBa with label channels, both
-# schedules, SGD and Adam with the cosine learning-rate schedule.
+# schedules in data parallel, the pipeline with 1 to 3 micro-batches, SGD and Adam with the cosine learning-rate
+# schedule.
 CONV_SCENARIOS = {
-    "conv_class": (dict(optimizer="adam"), dict(epochs=2, batch_size=11)),
-    "conv_class_sgd_greedy": (dict(optimizer="sgd", lr=0.05, optimizer_options=dict(momentum=0.9)),
-                              dict(epochs=2, batch_size=11, schedule="greedy")),
-    "conv_symba": (dict(loss="symba", optimizer="adam"), dict(epochs=2, batch_size=11)),
-    "conv_tiny_batches": (dict(optimizer="adam"), dict(epochs=1, batch_size=2)),
+    "conv_data_class": (dict(optimizer="adam"), dict(mode="data", epochs=2, batch_size=11)),
+    "conv_data_class_sgd_greedy": (dict(optimizer="sgd", lr=0.05, optimizer_options=dict(momentum=0.9)),
+                                   dict(mode="data", epochs=2, batch_size=11, schedule="greedy")),
+    "conv_data_symba": (dict(loss="symba", optimizer="adam"), dict(mode="data", epochs=2, batch_size=11)),
+    "conv_data_tiny_batches": (dict(optimizer="adam"), dict(mode="data", epochs=1, batch_size=2)),
+    "conv_pipeline_class": (dict(optimizer="adam"), dict(mode="pipeline", epochs=2, batch_size=11)),
+    "conv_pipeline_sgd_micro3": (dict(optimizer="sgd", lr=0.05, optimizer_options=dict(momentum=0.9)),
+                                 dict(mode="pipeline", epochs=2, batch_size=11, micro_batches=3)),
+    "conv_pipeline_symba_micro2": (dict(loss="symba", optimizer="adam"),
+                                   dict(mode="pipeline", epochs=2, batch_size=11, micro_batches=2)),
 }
 
 
@@ -73,7 +79,7 @@ def _images(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _conv_net(**options) -> ffk.FFConvNet:
-    return ffk.FFConvNet(1, [8, 12], num_classes=CLASSES, seed=3, **options)
+    return ffk.FFConvNet(1, [8, 12, 16], num_classes=CLASSES, seed=3, **options)
 
 
 def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +116,9 @@ def _train_scenarios(rank: int, world: int, names: list[str], save_dir: str) -> 
     images, labels = _images()
     for name, (net_options, fit_options) in CONV_SCENARIOS.items():
         net = _conv_net(**net_options)
-        history = ffk.distributed.fit(net, images, labels, mode="data", timeout=30, **fit_options)
-        out[name] = {"history": history, **_snapshot(net)}
+        stats: dict = {}
+        history = ffk.distributed.fit(net, images, labels, timeout=30, stats=stats, **fit_options)
+        out[name] = {"history": history, "stats": stats, **_snapshot(net)}
     return out
 
 
@@ -163,22 +170,29 @@ def test_data_parallel_equals_one_process_on_the_whole_batches(trained, name):
 
 
 @pytest.mark.parametrize("name", list(CONV_SCENARIOS))
-def test_conv_data_parallel_equals_one_process(trained, name):
-    """FFConvNet.fit in one process and distributed.fit(mode="data") on 2 and 3 ranks: the same parameters,
-    optimizer state and loss history (fp32 tolerance), every rank alike."""
+def test_conv_net_distributed_equals_one_process(trained, name):
+    """FFConvNet.fit in one process and distributed.fit on 2 and 3 ranks, data parallel or as a pipeline: the same
+    parameters, optimizer state and loss history (fp32 tolerance), every rank alike; the pipeline's last stage
+    sends nothing."""
     net_options, fit_options = CONV_SCENARIOS[name]
     ref = _conv_net(**net_options)
-    ref_history = ref.fit(*_images(), **fit_options)
+    one_process = {k: v for k, v in fit_options.items() if k not in ("mode", "micro_batches")}
+    ref_history = ref.fit(*_images(), **one_process)
     _assert_every_rank_trained_as(trained["ranks"], name, ref, ref_history)
+    if fit_options["mode"] == "pipeline":
+        assert trained["ranks"][-1][name]["stats"]["bytes_sent"] == 0
+        assert len(trained["ranks"][0][name]["stats"]["stages"]) == trained["world"]
 
 
-def test_only_ff_networks_and_conv_nets_data_parallel_are_taken():
+def test_only_ff_networks_and_conv_nets_are_taken():
     from ff_kernels.distributed import training
 
     with pytest.raises(TypeError, match="FFNet or FFConvNet"):
         ffk.distributed.fit(torch.nn.Linear(2, 2), *_data(), epochs=1)
-    with pytest.raises(ValueError, match="an FFConvNet trains with mode='data'"):
-        training._check_arguments(_conv_net(), *_images(), "pipeline", "simultaneous", 1, 10, 1, None, 2, 1.0)
+    with pytest.raises(ValueError, match="simultaneous schedule"):
+        training._check_arguments(_conv_net(), *_images(), "pipeline", "greedy", 1, 10, 1, None, 2, 1.0)
+    stages = training._check_arguments(_conv_net(), *_images(), "pipeline", "simultaneous", 1, 10, 1, None, 2, 1.0)
+    assert stages == [range(0, 2), range(2, 3)]  # balanced by multiply-adds per sample: 8x1x9x64, 12x8x9x16, ...
 
 
 def test_data_parallel_traffic_is_the_gradients(trained):
@@ -436,14 +450,16 @@ def test_torchrun_trains_digits_on_two_ranks(mode):
 
 
 @needs_torchrun
-def test_torchrun_trains_a_conv_net_data_parallel_as_one_process():
-    """``--model conv --distributed data`` on 2 ranks: the same accuracies as the same command in one process."""
+@pytest.mark.parametrize("mode", ["data", "pipeline"])
+def test_torchrun_trains_a_conv_net_as_one_process(mode):
+    """``--model conv --distributed data|pipeline`` on 2 ranks: the same accuracies as the same command in one
+    process."""
     options = ["--model", "conv", "--channels", "20,40", "--epochs", "2", "--batch-size", "64", "--no-progress"]
-    args = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ff_kernels", "train", "--distributed", "data",
+    args = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "ff_kernels", "train", "--distributed", mode,
             "--timeout", "60", *options]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "distributed data over 2 ranks (gloo" in done.stdout and "channels [20, 40]" in done.stdout
+    assert f"distributed {mode} over 2 ranks (gloo" in done.stdout and "channels [20, 40]" in done.stdout
     single = subprocess.run([sys.executable, "-m", "ff_kernels", "train", *options], capture_output=True, text=True,
                             timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -10,6 +10,8 @@ Run on every rank after the process group exists (``init()`` joins the one torch
     ffk.distributed.fit(net, x, y, mode="pipeline", epochs=60, batch_size=100, micro_batches=2)
     ffk.distributed.save(net, "ff.pt")                # every rank holds the trained network; rank 0 writes it
 
+An FFConvNet trains the same way (x images), in either mode.
+
 launched with ``torchrun --standalone --nproc-per-node 2 script.py`` (or ``-m ff_kernels train --distributed ...``).
 """
 

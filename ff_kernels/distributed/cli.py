@@ -18,9 +18,9 @@ DEFAULTS = {"timeout": 300.0}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train command's distributed options."""
     parser.add_argument("--distributed", default=None, choices=MODES,
-                        help="train over the ranks torchrun started: data parallel (--model mlp or conv), or a layer "
-                             "pipeline (--model mlp, --schedule simultaneous); e.g. torchrun --standalone "
-                             "--nproc-per-node 2 -m ff_kernels train --distributed data")
+                        help="train over the ranks torchrun started (--model mlp or conv): data parallel, or a layer "
+                             "pipeline (--schedule simultaneous); e.g. torchrun --standalone --nproc-per-node 2 -m "
+                             "ff_kernels train --distributed data")
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="pipeline: micro-batches per batch (default 1; their gradients make one update)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -34,8 +34,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         return
     if args.compare_reference:
         raise ValueError("--compare-reference trains in one process; leave it out with --distributed")
-    if args.distributed == "pipeline" and args.model == "conv":
-        raise ValueError("--distributed pipeline trains --model mlp; --model conv trains with --distributed data")
     if args.distributed == "pipeline" and args.schedule != "simultaneous":
         raise ValueError(
             "--distributed pipeline runs the simultaneous schedule (every layer steps on every batch): add "
@@ -57,9 +55,10 @@ def run_train(args: argparse.Namespace) -> int:
     device = init(args.device, timeout=args.timeout)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        if args.distributed == "pipeline" and len(args.dims) < world:
-            raise ValueError(f"--distributed pipeline gives every rank at least one layer, but --dims has "
-                             f"{len(args.dims)} layer(s) for {world} ranks; use fewer ranks or --distributed data")
+        layers, option = (args.channels, "--channels") if args.model == "conv" else (args.dims, "--dims")
+        if args.distributed == "pipeline" and len(layers) < world:
+            raise ValueError(f"--distributed pipeline gives every rank at least one layer, but {option} has "
+                             f"{len(layers)} layer(s) for {world} ranks; use fewer ranks or --distributed data")
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=args.model == "conv")
         net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
         if rank == 0:

@@ -1,5 +1,5 @@
-"""``fit``: train an FFNet over all ranks of a torch.distributed process group, data parallel or as a layer pipeline,
-or an FFConvNet data parallel."""
+"""``fit``: train an FFNet or an FFConvNet over all ranks of a torch.distributed process group, data parallel or as
+a layer pipeline."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import ff_kernels
 from ff_kernels._options import check_choice
 from ff_kernels.conv_net import FFConvNet
-from ff_kernels.distributed import data_parallel, data_parallel_conv, pipeline
+from ff_kernels.distributed import data_parallel, data_parallel_conv, pipeline, pipeline_conv
 from ff_kernels.distributed.comm import Comm, DistributedError, digest, written_bytes
 from ff_kernels.net import FFNet
 
@@ -126,13 +126,13 @@ def _check_arguments(net: FFNet | FFConvNet, x: torch.Tensor, y: torch.Tensor, m
         if stages is not None:
             raise ValueError("stages is a pipeline setting; mode='data' runs every layer on every rank")
         return None
-    if isinstance(net, FFConvNet):
-        raise ValueError("mode='pipeline' trains an FFNet; an FFConvNet trains with mode='data'")
     if schedule != "simultaneous":
         raise ValueError(
             f"mode='pipeline' runs the simultaneous schedule (every layer steps on every batch); got "
             f"schedule={schedule!r}: the greedy schedule trains one layer at a time, which leaves all but one rank idle"
         )
+    if isinstance(net, FFConvNet):
+        return pipeline.plan_stages(pipeline_conv.layer_costs(net, tuple(x.shape[1:])), world, stages)
     if net.collab == "all":
         raise ValueError(
             "collab='all' offsets each layer by the later layers' goodness, which the pipeline has not computed yet "
@@ -159,8 +159,8 @@ def fit(
 ) -> list[list[float]]:
     """Train ``net`` on (x, y) with every rank of the default process group; call it on every rank alike.
 
-    ``net`` is an FFNet, or an FFConvNet (``mode="data"`` only; ``schedule`` defaults to its "simultaneous" and
-    its learning-rate schedule applies, as ``FFConvNet.fit``; x are images).
+    ``net`` is an FFNet or an FFConvNet (x images; ``schedule`` defaults to its "simultaneous" and its learning-rate
+    schedule applies, as in ``FFConvNet.fit``).
 
     Every rank passes the same network configuration, data and arguments (checked at the start: a difference is a
     ValueError on every rank, naming it); rank 0's parameters, optimizer state and generator are broadcast first.
@@ -248,8 +248,9 @@ def _run(net: FFNet | FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, m
         steps *= len(net.layers) if schedule == "greedy" else 1
         buckets = reducer.buckets
     else:
-        history = pipeline.train_pipeline(net, x, y, comm, stage_plan, epochs=epochs, batch_size=batch_size,
-                                          micro_batches=micro_batches, tick=tick)
+        train = pipeline_conv.train if isinstance(net, FFConvNet) else pipeline.train_pipeline
+        history = train(net, x, y, comm, stage_plan, epochs=epochs, batch_size=batch_size,
+                        micro_batches=micro_batches, tick=tick)
         steps = epochs * len(pipeline.batch_rows(x.shape[0], batch_size))
         buckets = 0
     if net.device.type == "cuda":
