@@ -463,9 +463,13 @@ def test_torchrun_trains_a_conv_net_as_one_process(mode):
     single = subprocess.run([sys.executable, "-m", "ff_kernels", "train", *options], capture_output=True, text=True,
                             timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
-    accuracies = [next(line for line in out.splitlines() if line.startswith("train accuracy"))
-                  for out in (done.stdout, single.stdout)]
-    assert accuracies[0] == accuracies[1], accuracies
+    lines = [next(line for line in out.splitlines() if line.startswith("train accuracy"))
+             for out in (done.stdout, single.stdout)]
+    # (train %, test %) of each run. The pipeline runs the very same operations; data parallel sums the ranks'
+    # gradients in another order, so a score within fp32 rounding of a tie may flip: allow two test digits of 449.
+    accuracies = [[float(word.rstrip("%")) for word in line.split() if word.endswith("%") and "(" not in word]
+                  for line in lines]
+    assert all(abs(a - b) <= 0.5 for a, b in zip(*accuracies)), lines
 
 
 @needs_torchrun
