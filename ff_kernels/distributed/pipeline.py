@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +23,9 @@ from ff_kernels.distributed.comm import Comm, Pending
 from ff_kernels.distributed.data_parallel import layer_params
 from ff_kernels.net import FFNet
 from ff_kernels.optim import master_dtype
+
+if TYPE_CHECKING:
+    from ff_kernels.conv_net import FFConvNet
 
 MAX_SENDS_IN_FLIGHT = 4
 RECEIVES_AHEAD = 2
@@ -116,6 +120,21 @@ def _source(net: FFNet, x: torch.Tensor, y: torch.Tensor, batch_size: int | None
                     yield x_pos[chunk], x_neg[chunk]
 
 
+def accumulate(net: FFNet | FFConvNet, acc: dict[int, list[torch.Tensor]], i: int, out: Any, share: float,
+               last_of_batch: bool) -> None:
+    """Add layer i's micro-batch gradients from ``out`` to ``acc[i]``, weighted by the micro-batch's ``share`` of
+    its batch, and apply the summed update at the batch's last micro-batch."""
+    params = layer_params(net, i)
+    grads = [out.grad_weight] if len(params) == 1 else [out.grad_weight, out.grad_bias]
+    if i not in acc:
+        acc[i] = [g.to(master_dtype(p)) * share for g, p in zip(grads, params)]
+    else:
+        for a, g in zip(acc[i], grads):
+            a.add_(g, alpha=share)
+    if last_of_batch:
+        net.optimizers[i].update(params, acc.pop(i), grads_are_scratch=True)
+
+
 class _Stage:
     """This rank's layers, their gradient accumulators and loss sums."""
 
@@ -135,15 +154,7 @@ class _Stage:
             optimizer = net.optimizers[i] if parts == 1 else None
             out = net.layers[i].train_step(h_pos, h_neg, optimizer, offset_pos=offset_pos, offset_neg=offset_neg)
             if parts > 1:
-                params = layer_params(net, i)
-                grads = [out.grad_weight] if len(params) == 1 else [out.grad_weight, out.grad_bias]
-                if i not in self.acc:
-                    self.acc[i] = [g.to(master_dtype(p)) * share for g, p in zip(grads, params)]
-                else:
-                    for a, g in zip(self.acc[i], grads):
-                        a.add_(g, alpha=share)
-                if last_of_batch:
-                    net.optimizers[i].update(params, self.acc.pop(i), grads_are_scratch=True)
+                accumulate(net, self.acc, i, out, share, last_of_batch)
             self.batch_loss[i] += out.loss * share if parts > 1 else out.loss
             if net.collab == "previous":
                 prior = (out.goodness_pos, out.goodness_neg) if prior is None else (
@@ -210,17 +221,23 @@ def train_pipeline(net: FFNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, sta
             works = [comm.send(t, rank + 1, what, tag=tag) for tag, t in enumerate(outgoing)]
             sends.append((k, works, outgoing))
             while len(sends) > MAX_SENDS_IN_FLIGHT:
-                _wait_send(comm, sends.popleft())
+                wait_send(comm, sends.popleft())
         if last_of_batch and last_of_epoch:
-            for i in stage.layers:
-                history[i][epoch] = float(stage.epoch_loss[i]) / batches_per_epoch
-                stage.epoch_loss[i].zero_()
-            tick(1, history[stage.layers[-1]][epoch])
+            close_epoch(stage.layers, stage.epoch_loss, history, epoch, batches_per_epoch, tick)
     while sends:
-        _wait_send(comm, sends.popleft())
+        wait_send(comm, sends.popleft())
     return history
 
 
-def _wait_send(comm: Comm, entry: tuple[int, list[Pending], list[torch.Tensor]]) -> None:
+def close_epoch(layers: range, epoch_loss: dict[int, torch.Tensor], history: list[list[float]], epoch: int,
+                batches: int, tick: Callable[[int, float], None]) -> None:
+    """Record the stage's mean batch losses of ``epoch`` (one host sync per epoch) and start the next epoch's sums."""
+    for i in layers:
+        history[i][epoch] = float(epoch_loss[i]) / batches
+        epoch_loss[i].zero_()
+    tick(1, history[layers[-1]][epoch])
+
+
+def wait_send(comm: Comm, entry: tuple[int, list[Pending], list[torch.Tensor]]) -> None:
     for work in entry[1]:
         comm.wait(work)

@@ -20,9 +20,14 @@ import torch
 from ff_kernels.blockwise import lr_factor
 from ff_kernels.conv_net import FFConvNet
 from ff_kernels.distributed.comm import Comm
-from ff_kernels.distributed.data_parallel import layer_params
-from ff_kernels.distributed.pipeline import MAX_SENDS_IN_FLIGHT, RECEIVES_AHEAD, _wait_send, schedule
-from ff_kernels.optim import master_dtype
+from ff_kernels.distributed.pipeline import (
+    MAX_SENDS_IN_FLIGHT,
+    RECEIVES_AHEAD,
+    accumulate,
+    close_epoch,
+    schedule,
+    wait_send,
+)
 
 
 @torch.no_grad()
@@ -86,15 +91,7 @@ class _Stage:
                 out = net.layers[i].train_step(h[:rows], h[rows:], optimizer)
                 h = torch.cat([out.h_pos, out.h_neg])
             if parts > 1:
-                params = layer_params(net, i)
-                grads = [out.grad_weight] if len(params) == 1 else [out.grad_weight, out.grad_bias]
-                if i not in self.acc:
-                    self.acc[i] = [g.to(master_dtype(p)) * share for g, p in zip(grads, params)]
-                else:
-                    for a, g in zip(self.acc[i], grads):
-                        a.add_(g, alpha=share)
-                if last_of_batch:
-                    net.optimizers[i].update(params, self.acc.pop(i), grads_are_scratch=True)
+                accumulate(net, self.acc, i, out, share, last_of_batch)
             self.epoch_loss[i] += out.loss * share
             if i + 1 < len(net.layers):
                 h = net.next_input(i, h)
@@ -146,14 +143,11 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, stages: 
             sends.append((k, [comm.send(outgoing, rank + 1, f"send of micro-batch {k} to rank {rank + 1}")],
                           [outgoing]))
             while len(sends) > MAX_SENDS_IN_FLIGHT:
-                _wait_send(comm, sends.popleft())
+                wait_send(comm, sends.popleft())
         if last_of_batch and last_of_epoch:
-            for i in stage.layers:
-                history[i][epoch] = float(stage.epoch_loss[i]) / batches_per_epoch
-                stage.epoch_loss[i].zero_()
-            tick(1, history[stage.layers[-1]][epoch])
+            close_epoch(stage.layers, stage.epoch_loss, history, epoch, batches_per_epoch, tick)
     while sends:
-        _wait_send(comm, sends.popleft())
+        wait_send(comm, sends.popleft())
     for opt in net.optimizers:  # as FFConvNet.fit: the schedule belongs to this call
         opt.lr = net.config["lr"]
     return history
