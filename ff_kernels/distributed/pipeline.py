@@ -239,5 +239,6 @@ def close_epoch(layers: range, epoch_loss: dict[int, torch.Tensor], history: lis
 
 
 def wait_send(comm: Comm, entry: tuple[int, list[Pending], list[torch.Tensor]]) -> None:
+    """Wait for one micro-batch's sends (the entry keeps its tensors alive until they are sent)."""
     for work in entry[1]:
         comm.wait(work)
