@@ -217,6 +217,27 @@ def check_rows(x: torch.Tensor, name: str, w: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (the kernels index its rows densely)")
 
 
+def in_compute_dtype(
+    xs: tuple[torch.Tensor, ...], w: torch.Tensor, compute_dtype: torch.dtype | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """``compute_dtype`` for the fused steps: the inputs cast to it (their memory format kept) and, where the weight
+    has another dtype, its copy in it for GEMM 1 (``w_gemm``); the gradient and the update stay the weight's (fp32
+    master weights with bf16 compute). Unchanged inputs and None without a compute dtype."""
+    if compute_dtype is None:
+        return xs, None
+    return tuple(x.to(compute_dtype) for x in xs), None if compute_dtype == w.dtype else w.to(compute_dtype)
+
+
+def gemm_weight(w: torch.Tensor, w_gemm: torch.Tensor | None) -> torch.Tensor:
+    """The weight GEMM 1 reads: ``w_gemm`` (``in_compute_dtype``'s copy, checked to be one of ``w``) or ``w``."""
+    if w_gemm is None:
+        return w
+    if w_gemm.shape != w.shape or w_gemm.device != w.device:
+        raise ValueError(f"w_gemm must be a copy of the weight {tuple(w.shape)} on {w.device}; got "
+                         f"{tuple(w_gemm.shape)} on {w_gemm.device}")
+    return w_gemm
+
+
 def check_layer(w: torch.Tensor, b: torch.Tensor | None, name: str = "weight") -> None:
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"{name} must be a contiguous (N, K) matrix, got shape {tuple(w.shape)}")

@@ -17,7 +17,7 @@ import torch
 
 from ff_kernels._options import ClassStepOptions, ConvGeometry, StepOptions
 from ff_kernels.ops.scaling import class_coefficient_scale, coefficient_scale
-from ff_kernels.ops.triton.common import OPT_ADAM, OPT_NONE, OPT_SGD, check_state
+from ff_kernels.ops.triton.common import OPT_ADAM, OPT_NONE, OPT_SGD, check_state, gemm_weight, in_compute_dtype
 from ff_kernels.ops.triton.conv_gemm import (
     launch_conv_class,
     launch_conv_forward,
@@ -68,16 +68,6 @@ def _update(
     return Update(opt, s1w=s1w, s2w=s2w, s1b=s1b, s2b=s2b, **values)
 
 
-def _check_w_gemm(w: torch.Tensor, w_gemm: torch.Tensor | None) -> torch.Tensor:
-    """The weight GEMM 1 reads: ``w_gemm`` (the weight in the inputs' dtype, for ``compute_dtype``) or ``w``."""
-    if w_gemm is None:
-        return w
-    if w_gemm.shape != w.shape or w_gemm.device != w.device:
-        raise ValueError(f"w_gemm must be a copy of the weight {tuple(w.shape)} on {w.device}; got "
-                         f"{tuple(w_gemm.shape)} on {w_gemm.device}")
-    return w_gemm
-
-
 def _conv_step(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -99,7 +89,7 @@ def _conv_step(
         raise ValueError(f"loss='symba' pairs the samples of x_pos and x_neg: got {rows_pos} and {rows_neg}")
     with torch.cuda.device_of(w):  # Triton launches on the current device, not the tensors'
         r = launch_conv_scale(x_pos, x_neg, opts.normalize, opts.eps)
-        h, partials, tiles = launch_conv_forward(x_pos, x_neg, _check_w_gemm(w, w_gemm), b, geometry, r)
+        h, partials, tiles = launch_conv_forward(x_pos, x_neg, gemm_weight(w, w_gemm), b, geometry, r)
         g, c, loss = launch_row_step(partials, tiles * w.shape[0], rows_pos, rows_neg, opts, offset_pos, offset_neg)
         scale = coefficient_scale(opts, rows_pos, rows_neg)
         grad_w, grad_b = launch_conv_grad_update(x_pos, x_neg, h, c.view(-1, 1), r, w, b, geometry, scale, update)
@@ -126,7 +116,7 @@ def _conv_class_step(
         raise ValueError(f"weight has {w.shape[0]} channels, not divisible by num_classes={opts.num_classes}")
     with torch.cuda.device_of(w):
         r = launch_conv_scale(x, x[:0], opts.normalize, opts.eps)
-        h, partials, tiles = launch_conv_forward(x, x[:0], _check_w_gemm(w, w_gemm), b, geometry, r)
+        h, partials, tiles = launch_conv_forward(x, x[:0], gemm_weight(w, w_gemm), b, geometry, r)
         g, c, loss = launch_conv_class(partials, tiles, labels, opts.num_classes, opts.kappa, opts.temperature)
         scale = class_coefficient_scale(opts, x.shape[0])
         grad_w, grad_b = launch_conv_grad_update(x, x[:0], h, c, r, w, b, geometry, scale, update)
@@ -325,16 +315,6 @@ def _geometry_lists(geometry: ConvGeometry) -> tuple[list[int], list[int], list[
     return list(geometry.stride), list(geometry.padding), list(geometry.dilation)
 
 
-def _in_compute_dtype(
-    xs: tuple[torch.Tensor, ...], weight: torch.Tensor, compute_dtype: torch.dtype | None
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """The inputs in ``compute_dtype`` (their memory format kept) and, where the weight has another dtype, its copy
-    in it for GEMM 1 (the gradient and the update stay the weight's: fp32 master weights with bf16 compute)."""
-    if compute_dtype is None:
-        return xs, None
-    return tuple(x.to(compute_dtype) for x in xs), None if compute_dtype == weight.dtype else weight.to(compute_dtype)
-
-
 def ff_conv2d_step_triton(
     x_pos: torch.Tensor,
     x_neg: torch.Tensor,
@@ -349,7 +329,7 @@ def ff_conv2d_step_triton(
 ) -> FFStepOutput:
     """One fused positive/negative conv step; the update (if any) applied in GEMM 2's epilogue, in place. With
     ``compute_dtype``, both GEMMs run in it (h returned in it) and the update is the weight's."""
-    (x_pos, x_neg), w_gemm = _in_compute_dtype((x_pos, x_neg), weight, compute_dtype)
+    (x_pos, x_neg), w_gemm = in_compute_dtype((x_pos, x_neg), weight, compute_dtype)
     step_args = (
         w_gemm, *_geometry_lists(geometry), offset_pos, offset_neg, opts.threshold, opts.kappa, opts.loss,
         opts.normalize, opts.eps, opts.alpha,
@@ -381,7 +361,7 @@ def ff_conv2d_class_step_triton(
     """One fused class-goodness conv step; the update (if any) applied in GEMM 2's epilogue, in place. With
     ``compute_dtype``, both GEMMs run in it (h returned in it) and the update is the weight's."""
     update = None if optimizer is None else _update_args(optimizer, weight, bias)
-    (x,), w_gemm = _in_compute_dtype((x,), weight, compute_dtype)
+    (x,), w_gemm = in_compute_dtype((x,), weight, compute_dtype)
     return _class_step(x, labels, weight, bias, w_gemm, opts, geometry, update)
 
 
@@ -434,7 +414,7 @@ def ff_linear_class_step_triton(
     if optimizer is not None:
         opt, s1w, s2w, *rest = _update_args(optimizer, weight, bias)  # the optimizer holds the (N, K) tensor
         update = (opt, *(None if s is None else s.view(kernel.shape) for s in (s1w, s2w)), *rest)
-    (x,), w_gemm = _in_compute_dtype((x,), kernel, compute_dtype)
+    (x,), w_gemm = in_compute_dtype((x,), kernel, compute_dtype)
     out = _class_step(x.view(*x.shape, 1, 1), labels, kernel, bias, w_gemm, opts, _LINEAR_GEOMETRY, update)
     grad_w = None if out.grad_weight is None else out.grad_weight.view(weight.shape)
     return out._replace(h=out.h.view(x.shape[0], weight.shape[0]), grad_weight=grad_w)
@@ -454,7 +434,7 @@ def ff_conv2d_forward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference, GEMM 1 alone: h (in ``compute_dtype``, by default x's dtype) and the goodness (fp32) per sample or
     per (sample, group)."""
-    if compute_dtype is not None:
-        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+    (x,), w_gemm = in_compute_dtype((x,), weight, compute_dtype)
+    weight = gemm_weight(weight, w_gemm)
     forward = torch.ops.ff_kernels.triton_conv_forward if torch.compiler.is_compiling() else _forward
     return forward(x, weight, bias, *_geometry_lists(geometry), kappa, normalize, eps, num_classes or 0)

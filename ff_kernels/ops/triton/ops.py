@@ -31,6 +31,8 @@ from ff_kernels.ops.triton.common import (
     check_layer,
     check_rows,
     check_state,
+    gemm_weight,
+    in_compute_dtype,
 )
 from ff_kernels.ops.triton.forward_gemm import ForwardLaunch, forward_launch, launch_forward, partial_tiles, run_forward
 from ff_kernels.ops.triton.grad_update_gemm import GradLaunch, Update, grad_launch, run_grad_update, update_flags
@@ -65,12 +67,9 @@ def _check_inputs(x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor, b: 
     check_layer(w, b)
     if w_gemm is not None:
         check_layer(w_gemm, None, "w_gemm")
-        if w_gemm.shape != w.shape or w_gemm.device != w.device:
-            raise ValueError(f"w_gemm must be a copy of the weight {tuple(w.shape)} on {w.device}; got "
-                             f"{tuple(w_gemm.shape)} on {w_gemm.device}")
-    gemm_weight = w if w_gemm is None else w_gemm
-    check_rows(x_pos, "x_pos", gemm_weight)
-    check_rows(x_neg, "x_neg", gemm_weight)
+    gemm_w = gemm_weight(w, w_gemm)
+    check_rows(x_pos, "x_pos", gemm_w)
+    check_rows(x_neg, "x_neg", gemm_w)
     _check_step(x_pos, x_neg, opts)
 
 
@@ -536,9 +535,9 @@ def ff_linear_step_triton(
     """One fused FF step: three kernels, the update (if any) applied in the GEMM 2 epilogue in place. For callers
     below the public API: checks what the kernels assume of the tensors (errors name the argument), then runs
     :func:`ff_linear_step_triton_checked`."""
-    x_pos_c, x_neg_c, w_gemm = _compute_operands(x_pos, x_neg, w, compute_dtype)
-    _check_inputs(x_pos_c, x_neg_c, w, b, opts, w_gemm)
-    return ff_linear_step_triton_checked(x_pos, x_neg, w, b, opts, offset_pos, offset_neg, optimizer, compute_dtype)
+    (x_pos, x_neg), w_gemm = in_compute_dtype((x_pos, x_neg), w, compute_dtype)
+    _check_inputs(x_pos, x_neg, w, b, opts, w_gemm)
+    return _fused_step(x_pos, x_neg, w, b, w_gemm, opts, offset_pos, offset_neg, optimizer)
 
 
 def ff_linear_step_triton_checked(
@@ -558,7 +557,22 @@ def ff_linear_step_triton_checked(
     ``compute_dtype`` (e.g. bf16 over fp32 weights): the inputs and a copy of the weight are cast to it, both GEMMs
     run in it with fp32 accumulation, h is returned in it, and the update (or the gradient) is the weight's dtype
     (the fp32 master weight and its state, written by GEMM 2's epilogue)."""
-    x_pos, x_neg, w_gemm = _compute_operands(x_pos, x_neg, w, compute_dtype)
+    (x_pos, x_neg), w_gemm = in_compute_dtype((x_pos, x_neg), w, compute_dtype)
+    return _fused_step(x_pos, x_neg, w, b, w_gemm, opts, offset_pos, offset_neg, optimizer)
+
+
+def _fused_step(
+    x_pos: torch.Tensor,
+    x_neg: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    w_gemm: torch.Tensor | None,
+    opts: StepOptions,
+    offset_pos: torch.Tensor | None,
+    offset_neg: torch.Tensor | None,
+    optimizer: FusedOptimizer | None,
+) -> FFStepOutput:
+    """The step on inputs in the compute dtype (``w_gemm``: the weight's copy in it, or None)."""
     if torch.compiler.is_compiling():
         return _traced_step(x_pos, x_neg, w, b, w_gemm, opts, offset_pos, offset_neg, optimizer)
     update = _NO_UPDATE if optimizer is None else optimizer_update(optimizer, w, b)
@@ -571,16 +585,6 @@ def ff_linear_step_triton_checked(
     g_pos, g_neg = g.split_with_sizes(rows)
     h_pos, h_neg = h.split_with_sizes(rows)
     return FFStepOutput(loss, g_pos, g_neg, h_pos, h_neg, grad_w, grad_b)
-
-
-def _compute_operands(
-    x_pos: torch.Tensor, x_neg: torch.Tensor, w: torch.Tensor, compute_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The inputs in the compute dtype and, where the weight has another, its copy in that dtype for GEMM 1."""
-    if compute_dtype is None or (compute_dtype == w.dtype and x_pos.dtype == w.dtype):
-        return x_pos, x_neg, None
-    w_gemm = None if compute_dtype == w.dtype else w.to(compute_dtype)
-    return x_pos.to(compute_dtype), x_neg.to(compute_dtype), w_gemm
 
 
 def optimizer_update(optimizer: FusedOptimizer, w: torch.Tensor, b: torch.Tensor | None) -> Update:
@@ -702,7 +706,7 @@ def ff_linear_forward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference, GEMM 1 alone: h (in ``compute_dtype``, by default x's dtype) and goodness g (fp32), DESIGN
     1.1-1.3; with ``compute_dtype`` the input and a copy of the weight are cast to it."""
-    if compute_dtype is not None:
-        x, w = x.to(compute_dtype), w.to(compute_dtype)
+    (x,), w_gemm = in_compute_dtype((x,), w, compute_dtype)
+    w = gemm_weight(w, w_gemm)
     forward = torch.ops.ff_kernels.triton_forward if torch.compiler.is_compiling() else _forward
     return forward(x, w, b, kappa, normalize, eps)
