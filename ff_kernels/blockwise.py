@@ -21,7 +21,7 @@ from torch import nn
 
 from ff_kernels._options import check_choice, check_finite_number
 from ff_kernels.heads import class_goodness, class_goodness_loss
-from ff_kernels.nn import check_backend, check_batch_size, check_targets
+from ff_kernels.nn import check_backend, check_batch_size, check_targets, labelled_accuracy
 
 MODELS = ("small_cnn", "resnet18", "mobilenet_v3_small")
 TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")
@@ -179,9 +179,7 @@ class _Trainer(nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-        predicted = self.predict(x, batch_size)  # checks x and batch_size
-        check_targets(y, x.shape[0], self.num_classes)
-        return float((predicted.cpu() == y.cpu()).float().mean())
+        return labelled_accuracy(self.predict(x, batch_size), y, self.num_classes)  # checks x and batch_size first
 
     @classmethod
     def from_torchvision(

@@ -30,7 +30,7 @@ from ff_kernels._options import (
 from ff_kernels.blockwise import LR_SCHEDULES, lr_factor
 from ff_kernels.conv import IntPair, ff_conv2d_class_step, ff_conv2d_forward, ff_conv2d_step
 from ff_kernels.net import NEGATIVES, SCHEDULES, Checkpointed
-from ff_kernels.nn import check_backend, check_batch_size, check_targets, is_count
+from ff_kernels.nn import check_backend, check_batch_size, check_targets, is_count, labelled_accuracy
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import StepOutput
 
@@ -523,6 +523,4 @@ class FFConvNet(Checkpointed, nn.Module):
         return self.class_scores(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-        predicted = self.predict(x, batch_size)  # checks x
-        check_targets(y, x.shape[0], self.num_classes)
-        return float((predicted.cpu() == y.cpu()).float().mean())
+        return labelled_accuracy(self.predict(x, batch_size), y, self.num_classes)  # checks x first

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ff_kernels._options import check_choice
-from ff_kernels.nn import FFLinear, check_batch_size, check_targets, is_count
+from ff_kernels.nn import FFLinear, check_batch_size, check_targets, is_count, labelled_accuracy
 from ff_kernels.optim import OPTIMIZERS, FusedOptimizer
 from ff_kernels.types import FFStepOutput
 
@@ -358,6 +358,4 @@ class FFNet(Checkpointed, nn.Module):
         return self.label_goodness(x, batch_size).argmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-        predicted = self.predict(x, batch_size)  # checks x
-        check_targets(y, x.shape[0], self.num_classes)
-        return float((predicted.cpu() == y.cpu()).float().mean())
+        return labelled_accuracy(self.predict(x, batch_size), y, self.num_classes)  # checks x first

@@ -37,6 +37,13 @@ def check_targets(y: object, rows: int, num_classes: int) -> None:
         raise ValueError(f"y must hold labels in [0, {num_classes}); got values from {low} to {high}")
 
 
+def labelled_accuracy(predicted: torch.Tensor, y: object, num_classes: int) -> float:
+    """The fraction of ``predicted`` labels equal to ``y``, checked as a model's labels (``check_targets``): the
+    accuracy of FFNet, FFConvNet and the block-wise trainers once their predict has checked x."""
+    check_targets(y, predicted.shape[0], num_classes)
+    return float((predicted.cpu() == y.cpu()).float().mean())
+
+
 def check_backend(backend: str, *ops: str) -> None:
     """A backend name that implements ``ops``, checked at construction with the messages the calls give (whether
     it is usable depends on the device, so that waits for the first call)."""
