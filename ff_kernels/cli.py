@@ -180,6 +180,19 @@ def build_net(args: argparse.Namespace, dataset, backend: str, device: torch.dev
     )
 
 
+def describe_run(args: argparse.Namespace, dataset, device: torch.device) -> str:
+    """A run's first line, for FFNet and FFConvNet in one process or on every rank: the data, the network, the
+    schedule and the options (a distributed run adds its ranks)."""
+    layers = (conv_cli.describe(args, dataset) if args.model == "conv"
+              else f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}")
+    collab = f"collab {args.collab}, " if args.model == "mlp" else ""
+    return (
+        f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, {layers}, "
+        f"{args.schedule}, {args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, {collab}"
+        f"backend {args.backend}, device {device}"
+    )
+
+
 def train_once(args: argparse.Namespace, dataset, net) -> dict[str, float]:
     """Train a net from ``build_net`` as the (resolved) arguments say; returns accuracies, wall time and peak
     memory."""
@@ -220,14 +233,7 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, images=args.model == "conv")
     device = torch.device(args.device)
     net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
-    layers = (conv_cli.describe(args, dataset) if args.model == "conv"
-              else f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}")
-    print(
-        f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
-        f"{layers}, {args.schedule}, "
-        f"{args.epochs} epochs, batch {args.batch_size or 'full'}, loss {args.loss}, "
-        f"{f'collab {args.collab}, ' if args.model == 'mlp' else ''}backend {args.backend}, device {args.device}"
-    )
+    print(describe_run(args, dataset, device))
     result = train_once(args, dataset, net)
     memory_kind = "peak CUDA memory allocated" if device.type == "cuda" else "peak resident memory"
     print(

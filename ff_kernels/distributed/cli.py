@@ -48,8 +48,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Join torchrun's process group, train on every rank, and report on rank 0 (every rank holds the network).
     The arguments are the ones that ``resolve_train_arguments`` filled in and checked."""
-    from ff_kernels import conv_cli
-    from ff_kernels.cli import build_net, peak_memory_mib
+    from ff_kernels.cli import build_net, describe_run, peak_memory_mib
     from ff_kernels.data import load_dataset
 
     device = init(args.device, timeout=args.timeout)
@@ -63,14 +62,9 @@ def run_train(args: argparse.Namespace) -> int:
         net = build_net(args, dataset, args.backend, device)  # before the first line, so its errors come first
         if rank == 0:
             micro = f", {args.micro_batches or 1} micro-batch(es) per batch" if args.distributed == "pipeline" else ""
-            layers = (conv_cli.describe(args, dataset) if args.model == "conv" else
-                      f"{dataset.num_features} features; dims {[dataset.num_features, *args.dims]}, "
-                      f"collab {args.collab}")
             print(
-                f"{dataset.name}: {dataset.x_train.shape[0]} train / {dataset.x_test.shape[0]} test samples, "
-                f"{layers}, {args.schedule}, {args.epochs} epochs, batch {args.batch_size or 'full'}, loss "
-                f"{args.loss}, backend {args.backend}, device {device}; distributed {args.distributed} over {world} "
-                f"ranks ({dist.get_backend()}, {torch.get_num_threads()} thread(s) each){micro}",
+                f"{describe_run(args, dataset, device)}; distributed {args.distributed} over {world} ranks "
+                f"({dist.get_backend()}, {torch.get_num_threads()} thread(s) each){micro}",
                 flush=True,
             )
         x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
