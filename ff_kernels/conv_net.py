@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -439,16 +439,14 @@ class FFConvNet(Checkpointed, nn.Module):
             self.label_value.fill_(float(x.max()))
         history: list[list[float]] = [[] for _ in self.layers]
         stages = [None] if schedule == "simultaneous" else range(len(self.layers))
-        steps_per_epoch = 1 if batch_size is None else math.ceil(x.shape[0] / batch_size)
-        lr_at = lr_factor(lr_schedule or self.lr_schedule, epochs * steps_per_epoch)
+        rate = self.learning_rates(x.shape[0], epochs, batch_size, lr_schedule)
         bar = tqdm(total=epochs * len(stages), disable=not progress, desc=f"FF conv {schedule}", unit="epoch")
         for stage in stages:
             for epoch in range(epochs):
                 sums = torch.zeros(len(self.layers), device=self.device)
                 batches = self._batches(x.shape[0], batch_size)
                 for k, rows in enumerate(batches):
-                    for opt in self.optimizers:
-                        opt.lr = self.config["lr"] * lr_at(epoch * steps_per_epoch + k)
+                    self.set_learning_rate(rate(epoch, k))
                     for i, out in self.step_batch(x[rows], y[rows], only=stage):
                         sums[i] += out.loss
                 trained = range(len(self.layers)) if stage is None else [stage]
@@ -457,9 +455,22 @@ class FFConvNet(Checkpointed, nn.Module):
                 bar.update()
                 bar.set_postfix(loss=f"{history[trained[-1]][-1]:.4f}")
         bar.close()
-        for opt in self.optimizers:  # the schedule belongs to this call; a step outside fit uses the base rate
-            opt.lr = self.config["lr"]
+        self.set_learning_rate()  # the schedule belongs to this call; a step outside fit uses the base rate
         return history
+
+    def learning_rates(self, rows: int, epochs: int, batch_size: int | None,
+                       lr_schedule: str | None = None) -> Callable[[int, int], float]:
+        """``fit``'s learning rate for batch ``k`` of ``epoch`` on ``rows`` samples: the network's ``lr`` times
+        ``lr_schedule`` (default the network's) over every step of the run."""
+        steps_per_epoch = 1 if batch_size is None else math.ceil(rows / batch_size)
+        factor = lr_factor(lr_schedule or self.lr_schedule, epochs * steps_per_epoch)
+        return lambda epoch, k: self.config["lr"] * factor(epoch * steps_per_epoch + k)
+
+    def set_learning_rate(self, lr: float | None = None, layers: Iterable[int] | None = None) -> None:
+        """The optimizers of ``layers`` (every layer's by default) at ``lr``; None: the rate the network was built
+        with."""
+        for i in range(len(self.layers)) if layers is None else layers:
+            self.optimizers[i].lr = self.config["lr"] if lr is None else lr
 
     def _batches(self, rows: int, batch_size: int | None) -> list[torch.Tensor] | list[slice]:
         if batch_size is None or batch_size >= rows:

@@ -9,12 +9,10 @@ batch, because the learning-rate schedule changes the rate from batch to batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from ff_kernels.blockwise import lr_factor
 from ff_kernels.conv_net import FFConvNet
 from ff_kernels.distributed.comm import Comm
 from ff_kernels.distributed.data_parallel import GradReducer
@@ -51,15 +49,13 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, reducer:
     rows_total = x.shape[0]
     x, y = x.to(net.device, net.layers[0].weight.dtype), y.to(net.device, torch.int64)
     stages = [None] if schedule == "simultaneous" else range(len(net.layers))
-    steps_per_epoch = 1 if batch_size is None else math.ceil(rows_total / batch_size)
-    lr_at = lr_factor(net.lr_schedule, epochs * steps_per_epoch)
+    rate = net.learning_rates(rows_total, epochs, batch_size)
     history: list[list[float]] = [[] for _ in net.layers]
     for stage in stages:
         for epoch in range(epochs):
             batches = net._batches(rows_total, batch_size)
             for k, rows in enumerate(batches):
-                for opt in net.optimizers:
-                    opt.lr = net.config["lr"] * lr_at(epoch * steps_per_epoch + k)
+                net.set_learning_rate(rate(epoch, k))
                 x_batch, y_batch = x[rows], y[rows]
                 y_neg = None if net.loss == "class" else net.negative_labels(y_batch)
                 mine = torch.arange(y_batch.shape[0], device=net.device).tensor_split(comm.world)[comm.rank]
@@ -72,6 +68,5 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, reducer:
             for i in trained:
                 history[i].append(losses[i] / len(batches))
             tick(1, history[trained[-1]][-1])
-    for opt in net.optimizers:  # as FFConvNet.fit: the schedule belongs to this call
-        opt.lr = net.config["lr"]
+    net.set_learning_rate()  # as FFConvNet.fit: the schedule belongs to this call
     return history

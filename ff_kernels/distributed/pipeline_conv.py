@@ -11,19 +11,18 @@ one update at the batch's end, so the pipeline equals the single-process run.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
-from ff_kernels.blockwise import lr_factor
 from ff_kernels.conv_net import FFConvNet
 from ff_kernels.distributed.comm import Comm
 from ff_kernels.distributed.pipeline import (
     MAX_SENDS_IN_FLIGHT,
     RECEIVES_AHEAD,
     accumulate,
+    batch_rows,
     close_epoch,
     schedule,
     wait_send,
@@ -105,8 +104,8 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, stages: 
     x, y = x.to(net.device, net.layers[0].weight.dtype), y.to(net.device, torch.int64)
     stage = _Stage(net, stages[rank])
     rows_total = x.shape[0]
-    batches_per_epoch = math.ceil(rows_total / batch_size) if batch_size else 1
-    lr_at = lr_factor(net.lr_schedule, epochs * batches_per_epoch)
+    batches_per_epoch = len(batch_rows(rows_total, batch_size))
+    rate = net.learning_rates(rows_total, epochs, batch_size)
     in_shape, in_dtype, _ = _shapes(net, tuple(x.shape[1:]))[stages[rank].start]
     pairs = 1 if net.loss == "class" else 2
     history = [[0.0] * epochs for _ in net.layers]
@@ -125,8 +124,7 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, stages: 
     for k, (epoch, batch, _, share, parts, last_of_batch, last_of_epoch) in enumerate(plan):
         rows, labels, negatives = next(draws)
         if k == 0 or plan[k - 1][5]:  # the first micro-batch of a batch: the batch's learning rate
-            for i in stage.layers:
-                net.optimizers[i].lr = net.config["lr"] * lr_at(epoch * batches_per_epoch + batch)
+            net.set_learning_rate(rate(epoch, batch), stage.layers)
         if rank == 0:
             images = x[rows]
             h = images if negatives is None else torch.cat(
@@ -148,6 +146,5 @@ def train(net: FFConvNet, x: torch.Tensor, y: torch.Tensor, comm: Comm, stages: 
             close_epoch(stage.layers, stage.epoch_loss, history, epoch, batches_per_epoch, tick)
     while sends:
         wait_send(comm, sends.popleft())
-    for opt in net.optimizers:  # as FFConvNet.fit: the schedule belongs to this call
-        opt.lr = net.config["lr"]
+    net.set_learning_rate()  # as FFConvNet.fit: the schedule belongs to this call
     return history
